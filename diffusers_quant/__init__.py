@@ -1,0 +1,78 @@
+"""diffusers_quant: loader hooks that quantize diffusers pipelines on the fly.
+
+    import diffusers_quant
+    diffusers_quant.install("transformer=bnb:nf4,text_encoder_2=quanto:qint8")
+    pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)   # plain diffusers call
+    print(pipe.quant_report)
+
+Importing this package imports no backend library and touches no GPU.
+"""
+
+from __future__ import annotations
+
+from .errors import BackendUnavailable, PlanRefused, QuantError, SpecError
+from .spec import Plan, Spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "Plan",
+    "PlanRefused",
+    "QuantError",
+    "Spec",
+    "SpecError",
+    "install",
+    "is_installed",
+    "quantize",
+    "quantized",
+    "uninstall",
+]
+
+
+def install(plan: Plan | str | dict | None = None) -> None:
+    """Patch diffusers' and transformers' loaders; ``plan`` becomes the default for every load."""
+    from .hooks import install as _install
+
+    _install(plan)
+
+
+def uninstall() -> None:
+    """Restore the original loaders exactly."""
+    from .hooks import uninstall as _uninstall
+
+    _uninstall()
+
+
+def is_installed() -> bool:
+    from .hooks import is_installed as _is_installed
+
+    return _is_installed()
+
+
+def quantized(plan: Plan | str | dict):
+    """Context manager: loads inside the block use ``plan``."""
+    from .hooks import quantized as _quantized
+
+    return _quantized(plan)
+
+
+def quantize(model, spec: Spec | str, *, kind: str | None = None, device: str | None = None):
+    """Quantize an already-loaded model in place, module by module; returns its report row."""
+    from .components import Component, kind_of_class
+    from .loading import load_quantized
+    from .report import Report
+    from .rules import enforce
+
+    spec = spec if isinstance(spec, Spec) else Spec.parse(spec)
+    kind = kind or kind_of_class(type(model))
+    plan = Plan(entries=((kind, spec),), mode="post-load", device=device or _device_of(model))
+    enforce(plan, [Component(kind, kind, type(model).__name__)])
+    report = Report(plan=str(plan))
+    load_quantized(lambda *_a, **_k: model, type(model), None, (), {}, plan, spec, kind, kind, report)
+    model.quant_report = report
+    return report[kind]
+
+
+def _device_of(model) -> str:
+    return str(next(model.parameters()).device) if any(True for _ in model.parameters()) else "cpu"

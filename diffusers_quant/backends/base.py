@@ -1,0 +1,71 @@
+"""The one small protocol every backend follows.
+
+A backend turns one full-precision ``nn.Linear`` into a quantized module.  Everything else (which layers,
+when, on which device, streaming during load) is generic and lives outside the backends, so on-load and
+post-load quantization share the same per-layer code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, ClassVar
+
+from ..errors import BackendUnavailable, SpecError, choices
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..spec import Spec
+
+# Options every backend accepts: fnmatch patterns over module names, separated by '|'.
+COMMON_OPTIONS = {
+    "include": "only quantize Linear layers whose name matches one of these patterns",
+    "exclude": "never quantize Linear layers whose name matches one of these patterns (added to the defaults)",
+    "min_features": "skip layers with fewer input or output features than this (default 64)",
+}
+
+
+class Backend:
+    name: ClassVar[str]
+    # Import name probed for availability, and the pip extra that installs it.
+    module: ClassVar[str]
+    extra: ClassVar[str]
+    qtypes: ClassVar[tuple[str, ...]]
+    options: ClassVar[dict[str, str]] = {}
+    aliases: ClassVar[dict[str, str]] = {}
+
+    def is_available(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def require(self) -> None:
+        if not self.is_available():
+            raise BackendUnavailable(
+                f"backend {self.name!r} needs the {self.module!r} package, which is not installed; "
+                f"fix: pip install 'diffusers-quant[{self.extra}]'"
+            )
+
+    def normalize_qtype(self, qtype: str) -> str:
+        qtype = self.aliases.get(qtype.lower(), qtype.lower())
+        if qtype not in self.qtypes:
+            raise SpecError(
+                f"unknown qtype {qtype!r} for backend {self.name!r}; expected one of {choices(self.qtypes)}"
+            )
+        return qtype
+
+    def option_names(self) -> set[str]:
+        return set(COMMON_OPTIONS) | set(self.options)
+
+    def bytes_per_param(self, spec: Spec) -> float:
+        """Planning estimate of stored bytes per quantized weight, scales included."""
+        raise NotImplementedError
+
+    def can_quantize(self, linear: torch.nn.Linear, spec: Spec) -> bool:
+        """Shape constraints of the backend's kernels; layers that fail stay in full precision."""
+        return True
+
+    def quantize_linear(self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype) -> torch.nn.Module:
+        """Return a quantized replacement for ``linear`` on the device its weight is on."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name}: {', '.join(self.qtypes)}"

@@ -1,0 +1,120 @@
+"""What a component is (its kind) and which of its Linear layers a Spec quantizes.
+
+Kinds are derived from the class, never from backend-specific module types, so the same rules apply to
+any diffusers or transformers model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    kind: str
+    class_name: str = ""
+
+
+def kind_of_class(cls: type | str) -> str:
+    """transformer / unet / vae / controlnet / text_encoder / other, from the class (or its name)."""
+    name = cls if isinstance(cls, str) else cls.__name__
+    lowered = name.lower()
+    if "controlnet" in lowered:
+        return "controlnet"
+    if "unet" in lowered:
+        return "unet"
+    if lowered.startswith(("autoencoder", "vqmodel", "consistencydecoder")) or "vae" in lowered:
+        return "vae"
+    if "transformer" in lowered and lowered.endswith("model") and not _is_transformers_class(cls):
+        return "transformer"
+    if _is_transformers_class(cls) or any(k in lowered for k in ("textmodel", "encodermodel", "forcausallm")):
+        return "text_encoder"
+    return "other"
+
+
+def _is_transformers_class(cls: type | str) -> bool:
+    if isinstance(cls, str):
+        return False
+    return any(base.__module__.startswith("transformers.") for base in cls.__mro__)
+
+
+# Layers a family keeps in full precision by default: embedders and the output projection carry little
+# weight but most of the quantization error (what SD.Next, Forge and ComfyUI keep unquantized too).
+DEFAULT_EXCLUDE: dict[str, tuple[str, ...]] = {
+    "transformer": (
+        "*embed*", "*embedder*", "proj_out", "norm_out.*", "*time_text_embed*", "*timestep_embedder*",
+    ),
+    "unet": ("conv_in", "conv_out", "time_embedding.*", "add_embedding.*", "*class_embedding*"),
+    "controlnet": ("conv_in", "time_embedding.*", "add_embedding.*", "*controlnet_cond_embedding*"),
+    "text_encoder": ("*embed*", "*shared*", "lm_head", "*position*"),
+    "vae": ("*",),
+    "other": (),
+}
+DEFAULT_MIN_FEATURES = 64
+
+
+def _named_linears(model) -> Iterator[tuple[str, object]]:
+    import torch
+
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear:
+            yield name, module
+
+
+def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    # A pattern matches the full dotted name or any dotted suffix of it ("to_q" matches "a.b.to_q").
+    parts = name.split(".")
+    suffixes = {".".join(parts[i:]) for i in range(len(parts))}
+    return any(fnmatch.fnmatchcase(s, p) for p in patterns for s in suffixes)
+
+
+def fp32_modules(model, dtype) -> set[str]:
+    """Module names the libraries keep in float32 at this load dtype (mirrors diffusers and transformers)."""
+    import torch
+
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return keep
+
+
+def exclude_patterns(model, spec: Spec, kind: str) -> tuple[str, ...]:
+    keep_fp32 = tuple(f"*{m}*" for m in (getattr(model, "_keep_in_fp32_modules", None) or ()))
+    return DEFAULT_EXCLUDE.get(kind, ()) + keep_fp32 + spec.patterns("exclude")
+
+
+def select_linears(model, spec: Spec, kind: str) -> list[str]:
+    """Names of the Linear layers ``spec`` quantizes in ``model`` (works on meta-device models too)."""
+    from .backends import get_backend
+
+    backend = get_backend(spec.backend)
+    include = spec.patterns("include")
+    exclude = exclude_patterns(model, spec, kind)
+    min_features = int(spec.option("min_features", str(DEFAULT_MIN_FEATURES)))
+    selected = []
+    for name, linear in _named_linears(model):
+        # An explicit include replaces the default excludes; the user's own excludes still apply.
+        if include and not _matches_any(name, include):
+            continue
+        if _matches_any(name, spec.patterns("exclude") if include else exclude):
+            continue
+        if min(linear.in_features, linear.out_features) < min_features:
+            continue
+        if not backend.can_quantize(linear, spec):
+            continue
+        selected.append(name)
+    return selected
+
+
+def count_linears(model) -> int:
+    return sum(1 for _ in _named_linears(model))
+
+
+def get_submodule_parent(model, name: str):
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr

@@ -1,0 +1,226 @@
+"""Patches on the loaders: one install() / uninstall() pair that are exact inverses, and a context manager.
+
+Patched (each a classmethod on a base class, so every subclass is covered):
+
+* ``DiffusionPipeline.from_pretrained`` and pipelines' ``FromSingleFileMixin.from_single_file``
+* ``ModelMixin.from_pretrained`` and models' ``FromOriginalModelMixin.from_single_file``
+* transformers' ``PreTrainedModel.from_pretrained`` (text encoders)
+
+The originals are kept in ``_ORIGINALS`` and put back by identity on uninstall.  Plan precedence for a
+load: the call's ``quant=`` keyword > the enclosing pipeline load > ``quantized(...)`` blocks > the plan
+given to ``install()`` > the ``DIFFUSERS_QUANT`` environment variable > none.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from .components import Component, kind_of_class
+from .errors import QuantError
+from .loading import ACTIVE_PIPELINE, PipelineLoad, component_report, load_model, load_quantized, place_pipeline
+from .report import Report
+from .rules import enforce
+from .spec import Plan
+
+ENV_VAR = "DIFFUSERS_QUANT"
+QUANT_KWARG = "quant"
+
+_ORIGINALS: dict[tuple[type, str], object] = {}
+_INSTALLED_PLAN: Plan | None = None
+_CONTEXT_PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("diffusers_quant_plan", default=None)
+
+
+def ambient_plan() -> Plan | None:
+    plan = _CONTEXT_PLAN.get() or _INSTALLED_PLAN
+    if plan is None and os.environ.get(ENV_VAR):
+        plan = Plan.parse(os.environ[ENV_VAR], source="env")
+    return plan
+
+
+def _call_plan(kwargs: dict) -> Plan | None:
+    value = kwargs.pop(QUANT_KWARG, None)
+    return Plan.coerce(value, source="call") if value is not None else None
+
+
+# --- hook bodies ---------------------------------------------------------------------------------------
+
+
+def _model_from_pretrained(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    plan = _call_plan(kwargs) or (None if ACTIVE_PIPELINE.get() else ambient_plan())
+    return load_model(original, cls, pretrained, args, kwargs, plan)
+
+
+def _model_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    active = ACTIVE_PIPELINE.get()
+    plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
+    if plan is not None and plan.mode == "on-load":
+        raise QuantError("mode=on-load is not supported for single-file checkpoints yet (their keys need "
+                         "conversion first); fix: use mode=post-load or mode=auto")
+    # Single files always go through the library's converter, then get quantized module by module.
+    return load_model(original, cls, pretrained, args, kwargs, plan and plan.with_settings(mode="post-load"))
+
+
+def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Component]:
+    """The pipeline's components from model_index.json (or the class signature), reading no weights."""
+    entries: dict[str, tuple[str, str]] = {}
+    if folder and os.path.isfile(os.path.join(folder, "model_index.json")):
+        with open(os.path.join(folder, "model_index.json")) as f:
+            for name, value in json.load(f).items():
+                if isinstance(value, list) and len(value) == 2 and value[0] and value[1]:
+                    entries[name] = (value[0], value[1])
+    else:
+        import inspect
+
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            ann = str(param.annotation)
+            if name != "self" and ("Model" in ann or "Transformer" in ann or "Autoencoder" in ann):
+                entries[name] = ("", ann.split(".")[-1].strip("'>"))
+    components = []
+    for name, (library, class_name) in entries.items():
+        if name in kwargs:  # passed in by the caller: not loaded here
+            continue
+        cls_obj = _import_class(library, class_name)
+        components.append(Component(name, kind_of_class(cls_obj or class_name), class_name))
+    return components
+
+
+def _import_class(library: str, class_name: str):
+    for module in (library, "diffusers", "transformers"):
+        if not module:
+            continue
+        try:
+            return getattr(importlib.import_module(module), class_name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _local_folder(pretrained) -> str | None:
+    if isinstance(pretrained, (str, os.PathLike)) and os.path.isdir(pretrained):
+        return str(pretrained)
+    return None
+
+
+def _finish_pipeline(pipe, plan: Plan, report: Report):
+    """Report every component (quantized or not) in the pipeline's order, then place the pipeline."""
+    loaded = {c.name: c for c in report.components}
+    report.components = [
+        loaded.get(name) or component_report(name, module, kind_of_class(type(module)))
+        for name, module in pipe.components.items()
+        if hasattr(module, "parameters")
+    ]
+    place_pipeline(pipe, plan)
+    pipe.quant_report = report
+    return pipe
+
+
+def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    plan = _call_plan(kwargs) or ambient_plan()
+    if plan is None:
+        return original(cls, pretrained, *args, **kwargs)
+    folder = _local_folder(pretrained)
+    enforce(plan, _pipeline_components(cls, folder, kwargs), whole_pipeline=True)
+    report = Report(plan=str(plan), offload=plan.offload)
+    token = ACTIVE_PIPELINE.set(PipelineLoad(plan, report))
+    try:
+        pipe = original(cls, pretrained, *args, **kwargs)
+    finally:
+        ACTIVE_PIPELINE.reset(token)
+    return _finish_pipeline(pipe, plan, report)
+
+
+def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    plan = _call_plan(kwargs) or ambient_plan()
+    if plan is None:
+        return original(cls, pretrained, *args, **kwargs)
+    if plan.mode == "on-load":
+        raise QuantError("mode=on-load is not supported for single-file checkpoints yet (their keys need "
+                         "conversion first); fix: use mode=post-load or mode=auto")
+    enforce(plan, _pipeline_components(cls, None, kwargs), whole_pipeline=True)
+    report = Report(plan=str(plan), offload=plan.offload)
+    # Components are built by the library's converters (some bypass the hooks), so load them all
+    # unquantized with the hooks quiet, then quantize each chosen one module by module.
+    token = ACTIVE_PIPELINE.set(PipelineLoad(Plan(), report))
+    try:
+        pipe = original(cls, pretrained, *args, **kwargs)
+    finally:
+        ACTIVE_PIPELINE.reset(token)
+    post = plan.with_settings(mode="post-load")
+    for name, module in pipe.components.items():
+        kind = kind_of_class(type(module))
+        spec = post.spec_for(name, kind) if hasattr(module, "parameters") else None
+        if spec is not None:
+            load_quantized(lambda *_a, **_k: module, type(module), None, (), {}, post, spec, name, kind, report)
+    return _finish_pipeline(pipe, plan, report)
+
+
+# --- install / uninstall ------------------------------------------------------------------------------
+
+_TARGETS: tuple[tuple[str, str, str, Callable], ...] = (
+    ("diffusers.pipelines.pipeline_utils", "DiffusionPipeline", "from_pretrained", _pipeline_from_pretrained),
+    ("diffusers.loaders.single_file", "FromSingleFileMixin", "from_single_file", _pipeline_from_single_file),
+    ("diffusers.models.modeling_utils", "ModelMixin", "from_pretrained", _model_from_pretrained),
+    ("diffusers.loaders.single_file_model", "FromOriginalModelMixin", "from_single_file", _model_from_single_file),
+    ("transformers.modeling_utils", "PreTrainedModel", "from_pretrained", _model_from_pretrained),
+)
+
+
+def _wrap(original_func: Callable, body: Callable) -> classmethod:
+    @functools.wraps(original_func)
+    def hooked(cls, *args, **kwargs):
+        return body(original_func, cls, *args, **kwargs)
+
+    hooked.__diffusers_quant__ = True
+    return classmethod(hooked)
+
+
+def targets() -> Iterator[tuple[type, str]]:
+    for module, cls_name, attr, _ in _TARGETS:
+        yield getattr(importlib.import_module(module), cls_name), attr
+
+
+def install(plan: Plan | str | dict | None = None) -> None:
+    """Patch the loaders (idempotent). ``plan`` becomes the process-wide default plan."""
+    global _INSTALLED_PLAN
+    if plan is not None:
+        _INSTALLED_PLAN = Plan.coerce(plan, source="install")
+    if _ORIGINALS:
+        return
+    for (owner, attr), (_, _, _, body) in zip(targets(), _TARGETS):
+        original = owner.__dict__[attr]
+        _ORIGINALS[(owner, attr)] = original
+        setattr(owner, attr, _wrap(original.__func__, body))
+
+
+def uninstall() -> None:
+    """Put back the original loaders, by identity (idempotent), and forget the installed plan."""
+    global _INSTALLED_PLAN
+    for (owner, attr), original in list(_ORIGINALS.items()):
+        setattr(owner, attr, original)
+    _ORIGINALS.clear()
+    _INSTALLED_PLAN = None
+
+
+def is_installed() -> bool:
+    return bool(_ORIGINALS)
+
+
+@contextmanager
+def quantized(plan: Plan | str | dict) -> Iterator[Plan]:
+    """Loads inside the block use ``plan``; hooks installed here are removed on exit."""
+    resolved = Plan.coerce(plan, source="context")
+    installed_here = not is_installed()
+    install()
+    token = _CONTEXT_PLAN.set(resolved)
+    try:
+        yield resolved
+    finally:
+        _CONTEXT_PLAN.reset(token)
+        if installed_here:
+            uninstall()

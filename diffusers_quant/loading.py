@@ -1,0 +1,153 @@
+"""Execute a Plan for one model load (a pipeline's component, or a model loaded on its own)."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .components import Component, count_linears, fp32_modules, kind_of_class
+from .errors import QuantError
+from .quantize import quantize_model, state_nbytes
+from .report import ComponentReport, Report
+from .rules import device_type, enforce
+from .spec import Plan, Spec
+from .streaming import plan_stream, stream_load
+
+
+@dataclass
+class PipelineLoad:
+    """The pipeline load in progress, seen by the model hooks it triggers."""
+
+    plan: Plan
+    report: Report
+
+
+ACTIVE_PIPELINE: contextvars.ContextVar[PipelineLoad | None] = contextvars.ContextVar(
+    "diffusers_quant_pipeline", default=None
+)
+
+
+def component_name(cls: type, pretrained, kwargs: dict) -> str:
+    """The pipeline's name for this component: its subfolder, else its folder's name, else its kind."""
+    if kwargs.get("subfolder"):
+        return str(kwargs["subfolder"]).strip("/").split("/")[-1]
+    if isinstance(pretrained, (str, os.PathLike)) and os.path.isdir(pretrained):
+        return os.path.basename(os.path.normpath(str(pretrained)))
+    return kind_of_class(cls)
+
+
+def _resolve_folder(pretrained, kwargs: dict) -> str | None:
+    if not isinstance(pretrained, (str, os.PathLike)):
+        return None
+    folder = os.path.join(str(pretrained), kwargs["subfolder"]) if kwargs.get("subfolder") else str(pretrained)
+    return folder if os.path.isdir(folder) else None
+
+
+def _dtype_kwarg(cls: type) -> str:
+    is_transformers = any(b.__module__.startswith("transformers.") for b in cls.__mro__)
+    return "dtype" if is_transformers else "torch_dtype"
+
+
+def _load_dtype(cls: type, kwargs: dict, plan: Plan) -> torch.dtype | None:
+    value = kwargs.get("torch_dtype", kwargs.get("dtype"))
+    if value is None and plan.dtype:
+        value = getattr(torch, plan.dtype)
+        kwargs[_dtype_kwarg(cls)] = value
+    if isinstance(value, str):
+        value = getattr(torch, value, None) if value != "auto" else None
+    return value
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def fp_nbytes(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
+    """Bytes the full-precision component takes at the load dtype (works on the meta device)."""
+    keep = fp32_modules(model, dtype)
+    total = 0
+    for key, t in model.state_dict().items():
+        size = t.element_size()
+        if t.is_floating_point() and dtype is not None and not keep.intersection(key.split(".")):
+            size = torch.empty((), dtype=dtype).element_size()
+        total += t.numel() * size
+    return total
+
+
+def load_quantized(original: Callable, cls: type, pretrained, args: tuple, kwargs: dict, plan: Plan,
+                   spec: Spec, name: str, kind: str, report: Report) -> torch.nn.Module:
+    """Load one model with ``spec`` applied, on load when possible (or asked), else straight after load."""
+    dtype = _load_dtype(cls, kwargs, plan)
+    device = torch.device(plan.device)
+    folder = _resolve_folder(pretrained, kwargs)
+    stream = None
+    if plan.mode in ("auto", "on-load") and folder is not None:
+        stream = plan_stream(cls, folder, spec, kind, variant=kwargs.get("variant"))
+    if stream is None and plan.mode == "on-load":
+        raise QuantError(
+            f"{name}: mode=on-load needs a local folder with safetensors weights in diffusers/transformers "
+            f"layout (got {pretrained!r}); fix: use mode=post-load or mode=auto"
+        )
+    start = time.perf_counter()
+    if stream is not None:
+        bytes_before, total = fp_nbytes(stream.model, dtype), count_linears(stream.model)
+        model = stream_load(stream, spec, dtype=dtype, compute_dtype=dtype or torch.float32, device=device)
+        mode, quantized = "on-load", len(stream.selected)
+    else:
+        model = original(cls, pretrained, *args, **kwargs)
+        bytes_before = state_nbytes(model)
+        stats = quantize_model(model, spec, kind, dtype or _float_dtype(model), device=device)
+        mode, quantized, total = "post-load", stats.quantized_layers, stats.total_linears
+    if hasattr(model, "register_to_config") and folder is not None:
+        model.register_to_config(_name_or_path=str(folder))
+    report.add(ComponentReport(
+        name=name, kind=kind, class_name=cls.__name__, spec=str(spec), mode=mode, bytes_before=bytes_before,
+        bytes_after=state_nbytes(model), layers_quantized=quantized, linears_total=total,
+        seconds=time.perf_counter() - start, device=str(device),
+    ))
+    return model
+
+
+def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: dict, plan: Plan | None):
+    """Body of the model-level hooks (diffusers ModelMixin and transformers PreTrainedModel)."""
+    active = ACTIVE_PIPELINE.get()
+    if plan is None and active is not None:
+        plan = active.plan
+    if plan is None:
+        return original(cls, pretrained, *args, **kwargs)
+    name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
+    spec = plan.spec_for(name, kind)
+    if spec is None:
+        return original(cls, pretrained, *args, **kwargs)
+    if active is None:  # a model loaded on its own: check its one component now
+        enforce(plan, [Component(name, kind, cls.__name__)])
+        report = Report(plan=str(plan), offload=plan.offload)
+    else:
+        report = active.report
+    model = load_quantized(original, cls, pretrained, args, kwargs, plan, spec, name, kind, report)
+    model.quant_report = report
+    return model
+
+
+def place_pipeline(pipe, plan: Plan) -> None:
+    """Apply the plan's offload mode (or move to the device) once every component is loaded."""
+    if plan.offload == "model":
+        pipe.enable_model_cpu_offload(device=plan.device)
+    elif plan.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=plan.device)
+    elif device_type(plan.device) != "cpu":
+        pipe.to(plan.device)
+
+
+def component_report(name: str, module, kind: str) -> ComponentReport:
+    """A row for a component the plan left in full precision."""
+    nbytes = state_nbytes(module) if isinstance(module, torch.nn.Module) else 0
+    device = str(next(module.parameters()).device) if isinstance(module, torch.nn.Module) and any(
+        True for _ in module.parameters()) else "-"
+    return ComponentReport(name=name, kind=kind, class_name=type(module).__name__, spec=None, mode="none",
+                           bytes_before=nbytes, bytes_after=nbytes, device=device)

@@ -1,0 +1,186 @@
+"""The compatibility table, as data, and the checker it drives.
+
+A cell is (backend, qtype) x component kind x offload mode x device.  ``RULES`` is read top to bottom and
+the first row that matches a cell decides it; the last row refuses everything else as "not supported
+yet", so nothing is silently allowed.  The checker, the README table (``python -m diffusers_quant.rules``),
+the CLI ``check`` command and the parametrized tests are all generated from this one list.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from .components import Component
+from .errors import PlanRefused, QuantError, choices
+from .spec import KINDS, OFFLOADS, Plan, Spec
+
+DEVICES = ("cpu", "cuda")
+QUANTIZABLE = "transformer|unet|text_encoder|controlnet"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row. Fields are fnmatch patterns; '|' separates alternatives."""
+
+    backend: str = "*"
+    qtype: str = "*"
+    kind: str = "*"
+    offload: str = "*"
+    device: str = "*"
+    allowed: bool = False
+    reason: str = ""
+    fix: str = ""
+
+    def matches(self, backend: str, qtype: str, kind: str, offload: str, device: str) -> bool:
+        values = (backend, qtype, kind, offload, device)
+        fields = (self.backend, self.qtype, self.kind, self.offload, self.device)
+        return all(any(fnmatch.fnmatchcase(v, alt) for alt in f.split("|")) for v, f in zip(values, fields))
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(kind="vae", reason="VAE weights are mostly convolutions and quality-sensitive: quantizing them saves "
+         "little memory and shows as artefacts", fix="leave the VAE out of the plan (or vae=none)"),
+    Rule(kind="other", reason="this component is neither a transformer, UNet, ControlNet nor text encoder",
+         fix="quantize the transformer/UNet and text encoders only"),
+    Rule(device="mps|xpu|npu|hpu", reason="no tested kernels for this device", fix="use device=cpu or device=cuda"),
+    Rule(offload="model|sequential|balanced|group", device="cpu",
+         reason="offloading moves weights between the CPU and an accelerator; with device=cpu there is nothing "
+         "to offload", fix="use offload=none on the CPU, or device=cuda"),
+    Rule(backend="bnb", qtype="nf4|fp4", offload="sequential",
+         reason="sequential offload re-creates bnb 4-bit weights on every move and fails with 'Blockwise "
+         "quantization only supports 16/32-bit floats'", fix="use offload=model, or offload=balanced"),
+    Rule(backend="quanto", offload="sequential",
+         reason="sequential offload rebuilds quanto tensors through accelerate and fails with "
+         "'QBytesTensor.__new__() missing 5 required positional arguments'", fix="use offload=model"),
+    Rule(backend="quanto", offload="balanced",
+         reason="balanced offload is allowed only for bnb and NNCF; quanto layers split across devices fail with "
+         "'Expected all tensors to be on the same device'", fix="use offload=model, or a bnb/nncf spec"),
+    Rule(backend="gguf", offload="balanced", reason="balanced offload is allowed only for bnb and NNCF",
+         fix="use offload=model or offload=none for a GGUF transformer"),
+    Rule(backend="bnb|quanto", kind=QUANTIZABLE, offload="none", device="cpu|cuda", allowed=True),
+    Rule(backend="bnb|quanto", kind=QUANTIZABLE, offload="model", device="cuda", allowed=True),
+    Rule(reason="not supported yet (no test runs this combination)",
+         fix="use offload=none or offload=model, on device=cpu or device=cuda"),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str = ""
+    fix: str = ""
+
+
+def device_type(device: str) -> str:
+    return str(device).split(":", 1)[0].lower()
+
+
+def verdict(spec: Spec, kind: str, offload: str, device: str) -> Verdict:
+    dev = device_type(device)
+    for rule in RULES:
+        if rule.matches(spec.backend, spec.qtype, kind, offload, dev):
+            return Verdict(rule.allowed, rule.reason, rule.fix)
+    raise AssertionError("RULES must end with a catch-all row")  # internal invariant, not user input
+
+
+def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: bool = False) -> list[str]:
+    """Every reason ``plan`` cannot run on these components; empty when it can."""
+    from .backends import get_backend
+
+    components = list(components)
+    found: list[str] = []
+    dev = device_type(plan.device)
+    if dev == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            found.append("device=cuda was asked for but no CUDA device is available; fix: use device=cpu")
+    if whole_pipeline:
+        names = ", ".join(f"{c.name} ({c.kind})" for c in components)
+        unused = [p for p, _ in plan.entries if not any(_pattern_hits(p, c) for c in components)]
+        if unused:
+            found.append(f"plan pattern(s) {', '.join(repr(p) for p in unused)} match no component; "
+                         f"this pipeline has: {names}")
+    for c in components:
+        spec = plan.spec_for(c.name, c.kind)
+        if spec is None:
+            continue
+        backend = get_backend(spec.backend)
+        if not backend.is_available():
+            found.append(f"{c.name}: backend {spec.backend!r} needs the {backend.module!r} package; "
+                         f"fix: pip install 'diffusers-quant[{backend.extra}]'")
+            continue
+        v = verdict(spec, c.kind, plan.offload, plan.device)
+        if not v.allowed:
+            found.append(f"{c.name} ({c.kind}) with {spec}, offload={plan.offload}, device={dev}: {v.reason}; "
+                         f"fix: {v.fix}")
+    return found
+
+
+def _pattern_hits(pattern: str, component: Component) -> bool:
+    from .spec import pattern_matches
+
+    return pattern_matches(pattern, component.name, component.kind)
+
+
+def enforce(plan: Plan, components: Iterable[Component], *, whole_pipeline: bool = False) -> None:
+    found = problems(plan, components, whole_pipeline=whole_pipeline)
+    if found:
+        raise PlanRefused(found)
+
+
+def cells(devices: Iterable[str] = DEVICES) -> Iterator[tuple[Spec, str, str, str, Verdict]]:
+    """Every (spec, kind, offload, device) cell with its verdict, for the docs and the tests."""
+    from .backends import all_backends
+
+    for backend in all_backends():
+        for qtype in backend.qtypes:
+            spec = Spec(backend.name, qtype)
+            for kind in KINDS:
+                for offload in OFFLOADS:
+                    for device in devices:
+                        yield spec, kind, offload, device, verdict(spec, kind, offload, device)
+
+
+def markdown_table() -> str:
+    """The compatibility table as markdown: one row per (backend, kind), one column per offload x device."""
+    from .backends import all_backends
+
+    columns = [(o, d) for o in OFFLOADS for d in DEVICES]
+    head = "| backend:qtype | component | " + " | ".join(f"{o} / {d}" for o, d in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    for backend in all_backends():
+        for kind in KINDS:
+            cells_by_qtype = {
+                q: [verdict(Spec(backend.name, q), kind, o, d).allowed for o, d in columns] for q in backend.qtypes
+            }
+            # Merge qtypes with identical rows, so the table stays readable.
+            groups: dict[tuple[bool, ...], list[str]] = {}
+            for q, row in cells_by_qtype.items():
+                groups.setdefault(tuple(row), []).append(q)
+            for row, qtypes in groups.items():
+                marks = " | ".join("yes" if a else "-" for a in row)
+                lines.append(f"| {backend.name}:{'/'.join(qtypes)} | {kind} | {marks} |")
+    return "\n".join(lines)
+
+
+def refusals_markdown() -> str:
+    """The refusal rows with reason and fix, for the README."""
+    lines = ["| backend | qtype | component | offload | device | reason | fix |", "|---|---|---|---|---|---|---|"]
+    for r in RULES:
+        if not r.allowed:
+            lines.append(f"| {r.backend} | {r.qtype} | {r.kind} | {r.offload} | {r.device} | {r.reason} | {r.fix} |")
+    return "\n".join(lines)
+
+
+def check_device_name(device: str) -> None:
+    if device_type(device) not in ("cpu", "cuda", "mps", "xpu", "npu", "hpu", "meta"):
+        raise QuantError(f"unknown device {device!r}; expected one of {choices(DEVICES)}")
+
+
+if __name__ == "__main__":
+    print(markdown_table())
+    print()
+    print(refusals_markdown())

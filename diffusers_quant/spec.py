@@ -1,0 +1,206 @@
+"""Spec (one quantization choice) and Plan (what a whole load should do), with one string grammar.
+
+Spec:  ``backend:qtype[?key=value&key=value]``      e.g. ``bnb:nf4?double_quant=false``
+Plan:  ``pattern=spec[,pattern=spec...][;setting=value...]``
+       e.g. ``transformer=bnb:nf4,text_encoder_2=quanto:qint8;mode=on-load;offload=model``
+
+The same grammar serves the environment variable, the CLI and Python.  Settings may also be
+separated by commas; a key is a setting when it is one of ``SETTINGS``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field, replace
+
+from .errors import SpecError, choices
+
+MODES = ("auto", "on-load", "post-load")
+OFFLOADS = ("none", "model", "sequential", "balanced", "group")
+DTYPES = ("bfloat16", "float16", "float32")
+SETTINGS = ("mode", "offload", "device", "dtype")
+
+# Component kinds: what a component is, whatever the pipeline calls it.
+KINDS = ("transformer", "unet", "text_encoder", "vae", "controlnet", "other")
+# Group names usable as patterns, expanding to kinds.
+GROUPS = {"model": ("transformer", "unet")}
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def normalize_dtype(name: str) -> str:
+    name = str(name).replace("torch.", "").strip().lower()
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise SpecError(f"unknown dtype {name!r}; expected one of {choices(DTYPES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One quantization choice: backend, qtype and options (sorted, so equal specs compare equal)."""
+
+    backend: str
+    qtype: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Spec:
+        from .backends import get_backend
+
+        text = text.strip()
+        if ":" not in text:
+            raise SpecError(f"bad spec {text!r}; expected 'backend:qtype', e.g. 'bnb:nf4' or 'quanto:qint8'")
+        backend_name, rest = text.split(":", 1)
+        qtype, _, query = rest.partition("?")
+        backend = get_backend(backend_name.strip().lower())
+        options = {}
+        for item in filter(None, query.split("&")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SpecError(f"bad option {item!r} in spec {text!r}; expected key=value")
+            options[key.strip()] = value.strip()
+        return cls.create(backend.name, qtype, **options)
+
+    @classmethod
+    def create(cls, backend: str, qtype: str, **options: object) -> Spec:
+        """Build a validated Spec; unknown backends, qtypes and options raise SpecError naming the choices."""
+        from .backends import get_backend
+
+        impl = get_backend(backend)
+        qtype = impl.normalize_qtype(str(qtype).strip())
+        known = impl.option_names()
+        for key in options:
+            if key not in known:
+                raise SpecError(
+                    f"unknown option {key!r} for backend {impl.name!r}; expected one of {choices(known)}"
+                )
+        opts = tuple(sorted((k, _option_text(v)) for k, v in options.items()))
+        return cls(impl.name, qtype, opts)
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(key, default)
+
+    def patterns(self, key: str) -> tuple[str, ...]:
+        """include / exclude options hold fnmatch patterns separated by '|'."""
+        value = self.option(key)
+        return tuple(p for p in (value or "").split("|") if p)
+
+    def __str__(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.backend}:{self.qtype}" + (f"?{query}" if query else "")
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "qtype": self.qtype, "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Spec:
+        return cls.create(data["backend"], data["qtype"], **data.get("options", {}))
+
+
+def _option_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "|".join(str(v) for v in value)
+    return str(value)
+
+
+def pattern_matches(pattern: str, name: str, kind: str) -> bool:
+    """A component pattern matches the component's name (fnmatch), its kind, or a group of kinds."""
+    if pattern in GROUPS:
+        return kind in GROUPS[pattern]
+    return fnmatch.fnmatchcase(name, pattern) or pattern == kind
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a load should do: component pattern -> Spec (None = leave in full precision) and settings."""
+
+    entries: tuple[tuple[str, Spec | None], ...] = ()
+    mode: str = "auto"
+    offload: str = "none"
+    device: str = "cpu"
+    dtype: str | None = None
+    # Where the plan came from (call, context, env); not part of its identity.
+    source: str = field(default="python", compare=False)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise SpecError(f"unknown mode {self.mode!r}; expected one of {choices(MODES)}")
+        if self.offload not in OFFLOADS:
+            raise SpecError(f"unknown offload {self.offload!r}; expected one of {choices(OFFLOADS)}")
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        for pattern, _ in self.entries:
+            if not pattern:
+                raise SpecError("empty component pattern in plan; expected e.g. 'transformer=bnb:nf4'")
+
+    @classmethod
+    def parse(cls, text: str, source: str = "python") -> Plan:
+        entries: list[tuple[str, Spec | None]] = []
+        settings: dict[str, str] = {}
+        for item in (p.strip() for chunk in text.split(";") for p in chunk.split(",")):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not value:
+                raise SpecError(
+                    f"bad plan item {item!r}; expected 'component=backend:qtype' (e.g. 'transformer=bnb:nf4') "
+                    f"or a setting ({', '.join(f'{s}=...' for s in SETTINGS)})"
+                )
+            if key in SETTINGS:
+                settings[key] = value
+            else:
+                entries.append((key, None if value.lower() == "none" else Spec.parse(value)))
+        return cls(entries=tuple(entries), source=source, **settings)
+
+    @classmethod
+    def coerce(cls, value: Plan | str | dict, source: str = "python") -> Plan:
+        """Accept a Plan, a plan string, or a {pattern: spec} mapping."""
+        if isinstance(value, Plan):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value, source=source)
+        if isinstance(value, dict):
+            entries = tuple(
+                (k, v if isinstance(v, Spec) or v is None else Spec.parse(str(v))) for k, v in value.items()
+            )
+            return cls(entries=entries, source=source)
+        raise SpecError(f"a plan must be a string, a dict or a Plan, not {type(value).__name__}")
+
+    def spec_for(self, name: str, kind: str) -> Spec | None:
+        """First entry whose pattern matches wins, so exact names can precede broad patterns."""
+        for pattern, spec in self.entries:
+            if pattern_matches(pattern, name, kind):
+                return spec
+        return None
+
+    def with_settings(self, **settings) -> Plan:
+        return replace(self, **{k: v for k, v in settings.items() if v is not None})
+
+    def __str__(self) -> str:
+        parts = ",".join(f"{p}={s if s is not None else 'none'}" for p, s in self.entries)
+        defaults = Plan()
+        settings = [f"{k}={getattr(self, k)}" for k in SETTINGS if getattr(self, k) != getattr(defaults, k)]
+        return ";".join(x for x in [parts, *settings] if x)
+
+    def to_dict(self) -> dict:
+        return {
+            "entries": [[p, s.to_dict() if s else None] for p, s in self.entries],
+            "mode": self.mode,
+            "offload": self.offload,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        entries = tuple((p, Spec.from_dict(s) if s else None) for p, s in data.pop("entries"))
+        return cls(entries=entries, **data)

@@ -1,0 +1,174 @@
+"""On-load quantization: build the model on the meta device, then stream the checkpoint tensor by tensor.
+
+Each Linear chosen for quantization is materialised on the target device from its own tensors only,
+quantized and swapped in; every other tensor is placed directly.  The full-precision component is never
+resident on the target device, and the host holds one tensor at a time beyond the memory map.
+
+``plan_stream`` only reads headers and config, so a load that cannot be streamed (``.bin`` weights, keys
+that need a conversion) is known before a single weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .components import fp32_modules, select_linears
+from .errors import QuantError
+from .quantize import quantize_linear_into
+from .spec import Spec
+
+# Names diffusers and transformers save their safetensors weights under.
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+
+@dataclass
+class StreamPlan:
+    """What to read and what to quantize, derived from headers and config alone."""
+
+    model: torch.nn.Module  # on the meta device
+    files: list[Path]
+    keys: dict[str, Path]
+    selected: list[str]
+    tied: dict[str, str] = field(default_factory=dict)
+    checkpoint_nbytes: int = 0
+
+
+def find_safetensors(folder: str | os.PathLike, variant: str | None = None) -> list[Path] | None:
+    """The checkpoint's safetensors files (all shards), or None if the folder holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for stem in _WEIGHT_STEMS:
+        name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [folder / s for s in shards]
+        if (folder / name).is_file():
+            return [folder / name]
+    return None
+
+
+def _is_transformers_model(cls: type) -> bool:
+    return any(base.__module__.startswith("transformers.") for base in cls.__mro__)
+
+
+def build_empty(cls: type, folder: str | os.PathLike) -> torch.nn.Module:
+    """The model from its config alone, parameters on the meta device (buffers real, as accelerate does)."""
+    from accelerate import init_empty_weights
+
+    if _is_transformers_model(cls):
+        config = cls.config_class.from_pretrained(folder)
+        with init_empty_weights():
+            return cls(config)
+    config = cls.load_config(folder)
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
+def plan_stream(cls: type, folder: str | os.PathLike, spec: Spec, kind: str,
+                variant: str | None = None) -> StreamPlan | None:
+    """A StreamPlan if this checkpoint can be streamed into ``cls`` key for key, else None."""
+    from safetensors import safe_open
+
+    files = find_safetensors(folder, variant)
+    if not files:
+        return None
+    keys: dict[str, Path] = {}
+    nbytes = 0
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                keys[key] = path
+                sl = f.get_slice(key)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= d
+                nbytes += numel * _dtype_size(sl.get_dtype())
+    model = build_empty(cls, folder)
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    expected = set(model.state_dict().keys())
+    missing = expected - set(keys) - set(tied)
+    if missing:
+        return None  # the checkpoint needs a key conversion: the library's own loader must read it
+    return StreamPlan(model=model, files=files, keys=keys, selected=select_linears(model, spec, kind), tied=tied,
+                      checkpoint_nbytes=nbytes)
+
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _dtype_size(name: str) -> int:
+    return _DTYPE_SIZES.get(name, 4)
+
+
+def stream_load(plan: StreamPlan, spec: Spec, *, dtype: torch.dtype | None, compute_dtype: torch.dtype,
+                device: torch.device | str, on_tensor: Callable[[], None] | None = None) -> torch.nn.Module:
+    """Fill ``plan.model`` from the checkpoint, quantizing the selected layers as their tensors arrive."""
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    model = plan.model
+    selected = set(plan.selected)
+    keep_fp32 = fp32_modules(model, dtype)
+    # A selected layer is complete once all its own parameters have been read.
+    expected = {name: {n for n, _ in model.get_submodule(name).named_parameters()} for name in selected}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for path in plan.files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                layer, _, pname = key.rpartition(".")
+                if layer in selected:
+                    tensor = f.get_tensor(key).to(device=device, dtype=dtype or None)
+                    pending.setdefault(layer, {})[pname] = tensor
+                    if set(pending[layer]) == expected[layer]:
+                        _quantize_layer(model, layer, pending.pop(layer), spec, compute_dtype)
+                elif key in plan.keys and _is_model_key(model, key):
+                    tensor = f.get_tensor(key)
+                    value_dtype = None
+                    if tensor.is_floating_point():
+                        value_dtype = torch.float32 if keep_fp32.intersection(key.split(".")) else (dtype or tensor.dtype)
+                    set_module_tensor_to_device(model, key, device, value=tensor, dtype=value_dtype)
+                if on_tensor is not None:
+                    on_tensor()
+    if pending:
+        raise QuantError(f"checkpoint ended before these layers were complete: {sorted(pending)[:5]}")
+    if plan.tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise QuantError(
+            f"checkpoint has no tensor for {len(still_meta)} parameter(s), e.g. {still_meta[:3]}; "
+            "fix: use mode=post-load so the library's own loader reads this checkpoint"
+        )
+    model.to(device)  # non-persistent buffers were created on the CPU
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _is_model_key(model: torch.nn.Module, key: str) -> bool:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return attr in module._parameters or attr in module._buffers
+
+
+def _quantize_layer(model: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: Spec,
+                    compute_dtype: torch.dtype) -> None:
+    meta = model.get_submodule(name)
+    linear = torch.nn.Linear(meta.in_features, meta.out_features, bias="bias" in tensors, device="meta")
+    linear.weight = torch.nn.Parameter(tensors["weight"], requires_grad=False)
+    if "bias" in tensors:
+        linear.bias = torch.nn.Parameter(tensors["bias"], requires_grad=False)
+    quantize_linear_into(model, name, linear, spec, compute_dtype)
