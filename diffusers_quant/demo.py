@@ -158,7 +158,7 @@ def build_sd():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
     ).eval()
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     return StableDiffusionPipeline(
         vae=_vae(latent_channels=4), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

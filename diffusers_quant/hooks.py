@@ -21,6 +21,8 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
+
 from .components import Component, kind_of_class
 from .errors import QuantError
 from .loading import ACTIVE_PIPELINE, PipelineLoad, component_report, load_model, load_quantized, place_pipeline
@@ -86,6 +88,8 @@ def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Co
         if name in kwargs:  # passed in by the caller: not loaded here
             continue
         cls_obj = _import_class(library, class_name)
+        if cls_obj is not None and not issubclass(cls_obj, torch.nn.Module):
+            continue  # tokenizers, schedulers, processors: nothing to quantize
         components.append(Component(name, kind_of_class(cls_obj or class_name), class_name))
     return components
 

@@ -48,19 +48,22 @@ def _resolve_folder(pretrained, kwargs: dict) -> str | None:
     return folder if os.path.isdir(folder) else None
 
 
-def _dtype_kwarg(cls: type) -> str:
-    is_transformers = any(b.__module__.startswith("transformers.") for b in cls.__mro__)
-    return "dtype" if is_transformers else "torch_dtype"
-
-
 def _load_dtype(cls: type, kwargs: dict, plan: Plan) -> torch.dtype | None:
-    value = kwargs.get("torch_dtype", kwargs.get("dtype"))
+    # diffusers 0.42 and transformers 5 both take ``dtype`` (``torch_dtype`` is deprecated but accepted).
+    value = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if value is None and plan.dtype:
         value = getattr(torch, plan.dtype)
-        kwargs[_dtype_kwarg(cls)] = value
+        kwargs["dtype"] = value
     if isinstance(value, str):
         value = getattr(torch, value, None) if value != "auto" else None
     return value
+
+
+def _progress(total: int | None, desc: str):
+    from tqdm.auto import tqdm
+
+    # Same switch as diffusers' own bars: DIFFUSERS_QUANT_PROGRESS=0 silences ours.
+    return tqdm(total=total, desc=desc, leave=False, disable=os.environ.get("DIFFUSERS_QUANT_PROGRESS") == "0")
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -70,8 +73,11 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
 def fp_nbytes(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
     """Bytes the full-precision component takes at the load dtype (works on the meta device)."""
     keep = fp32_modules(model, dtype)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())  # stored once, under their source
     total = 0
     for key, t in model.state_dict().items():
+        if key in tied:
+            continue
         size = t.element_size()
         if t.is_floating_point() and dtype is not None and not keep.intersection(key.split(".")):
             size = torch.empty((), dtype=dtype).element_size()
@@ -96,12 +102,15 @@ def load_quantized(original: Callable, cls: type, pretrained, args: tuple, kwarg
     start = time.perf_counter()
     if stream is not None:
         bytes_before, total = fp_nbytes(stream.model, dtype), count_linears(stream.model)
-        model = stream_load(stream, spec, dtype=dtype, compute_dtype=dtype or torch.float32, device=device)
+        with _progress(len(stream.keys), f"{name}: {spec} on load (tensors)") as bar:
+            model = stream_load(stream, spec, dtype=dtype, compute_dtype=dtype or torch.float32, device=device,
+                                on_tensor=bar.update)
         mode, quantized = "on-load", len(stream.selected)
     else:
         model = original(cls, pretrained, *args, **kwargs)
         bytes_before = state_nbytes(model)
-        stats = quantize_model(model, spec, kind, dtype or _float_dtype(model), device=device)
+        with _progress(None, f"{name}: {spec} after load (layers)") as bar:
+            stats = quantize_model(model, spec, kind, dtype or _float_dtype(model), device=device, progress=bar)
         mode, quantized, total = "post-load", stats.quantized_layers, stats.total_linears
     if hasattr(model, "register_to_config") and folder is not None:
         model.register_to_config(_name_or_path=str(folder))

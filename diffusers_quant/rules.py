@@ -50,7 +50,7 @@ RULES: tuple[Rule, ...] = (
          "to offload", fix="use offload=none on the CPU, or device=cuda"),
     Rule(backend="bnb", qtype="nf4|fp4", offload="sequential",
          reason="sequential offload re-creates bnb 4-bit weights on every move and fails with 'Blockwise "
-         "quantization only supports 16/32-bit floats'", fix="use offload=model, or offload=balanced"),
+         "quantization only supports 16/32-bit floats'", fix="use offload=model"),
     Rule(backend="quanto", offload="sequential",
          reason="sequential offload rebuilds quanto tensors through accelerate and fails with "
          "'QBytesTensor.__new__() missing 5 required positional arguments'", fix="use offload=model"),
@@ -144,22 +144,26 @@ def cells(devices: Iterable[str] = DEVICES) -> Iterator[tuple[Spec, str, str, st
                         yield spec, kind, offload, device, verdict(spec, kind, offload, device)
 
 
+TABLE_KINDS = ("transformer", "unet", "text_encoder", "controlnet", "vae")
+TABLE_COLUMNS = (("none", "cpu"), ("none", "cuda"), ("model", "cuda"), ("sequential", "cuda"),
+                 ("balanced", "cuda"), ("group", "cuda"))
+
+
 def markdown_table() -> str:
-    """The compatibility table as markdown: one row per (backend, kind), one column per offload x device."""
+    """The compatibility table as markdown: one row per (backend, kind), one column per offload x device.
+
+    Offloading on the CPU is one refusal row (nothing to offload to), so the table shows CUDA for it."""
     from .backends import all_backends
 
-    columns = [(o, d) for o in OFFLOADS for d in DEVICES]
-    head = "| backend:qtype | component | " + " | ".join(f"{o} / {d}" for o, d in columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    head = "| backend:qtype | component | " + " | ".join(f"{o} / {d}" for o, d in TABLE_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
     for backend in all_backends():
-        for kind in KINDS:
-            cells_by_qtype = {
-                q: [verdict(Spec(backend.name, q), kind, o, d).allowed for o, d in columns] for q in backend.qtypes
-            }
+        for kind in TABLE_KINDS:
             # Merge qtypes with identical rows, so the table stays readable.
             groups: dict[tuple[bool, ...], list[str]] = {}
-            for q, row in cells_by_qtype.items():
-                groups.setdefault(tuple(row), []).append(q)
+            for q in backend.qtypes:
+                row = tuple(verdict(Spec(backend.name, q), kind, o, d).allowed for o, d in TABLE_COLUMNS)
+                groups.setdefault(row, []).append(q)
             for row, qtypes in groups.items():
                 marks = " | ".join("yes" if a else "-" for a in row)
                 lines.append(f"| {backend.name}:{'/'.join(qtypes)} | {kind} | {marks} |")
@@ -168,10 +172,15 @@ def markdown_table() -> str:
 
 def refusals_markdown() -> str:
     """The refusal rows with reason and fix, for the README."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", " or ")
+
     lines = ["| backend | qtype | component | offload | device | reason | fix |", "|---|---|---|---|---|---|---|"]
     for r in RULES:
         if not r.allowed:
-            lines.append(f"| {r.backend} | {r.qtype} | {r.kind} | {r.offload} | {r.device} | {r.reason} | {r.fix} |")
+            fields = (r.backend, r.qtype, r.kind, r.offload, r.device, r.reason, r.fix)
+            lines.append("| " + " | ".join(cell(f) for f in fields) + " |")
     return "\n".join(lines)
 
 

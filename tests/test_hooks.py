@@ -1,0 +1,153 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import diffusers_quant
+from diffusers_quant import PlanRefused, QuantError
+from diffusers_quant.hooks import targets
+
+
+def _originals():
+    return {(owner, attr): owner.__dict__[attr] for owner, attr in targets()}
+
+
+def test_import_touches_no_backend_library_and_no_gpu():
+    code = ("import sys, diffusers_quant; "
+            "bad = [m for m in ('bitsandbytes', 'optimum.quanto', 'gguf', 'nncf', 'diffusers', 'torch.cuda') "
+            "if m in sys.modules and m != 'torch.cuda']; "
+            "import torch; assert not torch.cuda.is_initialized(); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_install_and_uninstall_are_exact_inverses_and_idempotent():
+    before = _originals()
+    diffusers_quant.install()
+    diffusers_quant.install()  # idempotent
+    during = _originals()
+    assert all(during[k] is not before[k] for k in before)
+    assert all(getattr(during[k].__func__, "__diffusers_quant__", False) for k in during)
+    diffusers_quant.uninstall()
+    diffusers_quant.uninstall()  # idempotent
+    after = _originals()
+    assert all(after[k] is before[k] for k in before), "uninstall must restore the original callables"
+
+
+def test_context_manager_installs_and_removes_hooks(flux_path):
+    from diffusers import FluxTransformer2DModel
+
+    before = _originals()
+    with diffusers_quant.quantized("transformer=quanto:qint8"):
+        model = FluxTransformer2DModel.from_pretrained(flux_path, subfolder="transformer")
+    assert type(model.transformer_blocks[0].attn.to_q).__name__ == "QLinear"
+    assert all(_originals()[k] is before[k] for k in before)
+    plain = FluxTransformer2DModel.from_pretrained(flux_path, subfolder="transformer")
+    assert type(plain.transformer_blocks[0].attn.to_q) is torch.nn.Linear
+
+
+def test_context_inside_install_keeps_hooks_installed(flux_path):
+    diffusers_quant.install()
+    with diffusers_quant.quantized("transformer=bnb:int8"):
+        pass
+    assert diffusers_quant.is_installed()
+
+
+def test_plain_model_loads_are_quantized(flux_path, sd_path, tmp_path):
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import T5EncoderModel
+
+    diffusers_quant.install("transformer=bnb:nf4,text_encoder_2=quanto:qint8,unet=quanto:qint8")
+    transformer = FluxTransformer2DModel.from_pretrained(flux_path / "transformer")
+    assert type(transformer.single_transformer_blocks[0].proj_mlp).__name__ == "Linear4bit"
+    t5 = T5EncoderModel.from_pretrained(flux_path / "text_encoder_2")
+    assert type(t5.encoder.block[0].layer[0].SelfAttention.q).__name__ == "QLinear"
+    assert t5.quant_report["text_encoder_2"].spec == "quanto:qint8"
+    unet = UNet2DConditionModel.from_pretrained(sd_path / "unet")
+    assert unet.quant_report["unet"].mode == "on-load"
+    # a single file goes through diffusers' own single-file loader, then is quantized after load
+    single = tmp_path / "unet.safetensors"
+    shutil.copy(sd_path / "unet" / "diffusion_pytorch_model.safetensors", single)
+    diffusers_quant.install("unet=quanto:qint8")
+    loaded = UNet2DConditionModel.from_single_file(str(single), config=str(sd_path), subfolder="unet")
+    assert loaded.quant_report["unet"].mode == "post-load"
+    assert loaded.quant_report["unet"].layers_quantized > 0
+    assert type(loaded.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__name__ == "QLinear"
+
+
+def test_per_call_plan_beats_ambient_plan(flux_path):
+    from diffusers import FluxTransformer2DModel
+
+    diffusers_quant.install("transformer=bnb:nf4")
+    model = FluxTransformer2DModel.from_pretrained(flux_path / "transformer", quant="transformer=quanto:qint8")
+    assert model.quant_report["transformer"].spec == "quanto:qint8"
+
+
+def test_env_var_plan(flux_path, monkeypatch):
+    from diffusers import FluxTransformer2DModel
+
+    monkeypatch.setenv("DIFFUSERS_QUANT", "model=quanto:qint8;mode=post-load")
+    diffusers_quant.install()
+    model = FluxTransformer2DModel.from_pretrained(flux_path / "transformer")
+    assert model.quant_report["transformer"].mode == "post-load"
+
+
+def test_pattern_matching_nothing_lists_components(flux_path):
+    from diffusers import DiffusionPipeline
+
+    diffusers_quant.install()
+    with pytest.raises(PlanRefused, match=r"'transfomer' match no component; this pipeline has: .*"
+                                          r"text_encoder_2 \(text_encoder\), transformer \(transformer\)"):
+        DiffusionPipeline.from_pretrained(flux_path, quant="transfomer=bnb:nf4")
+
+
+def test_refusal_happens_before_any_weight_is_read(flux_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
+
+    opened = []
+    monkeypatch.setattr("safetensors.safe_open", lambda *a, **k: opened.append(a) or safe_open(*a, **k))
+    monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: opened.append(a))
+    diffusers_quant.install()
+    with pytest.raises(PlanRefused) as err:
+        DiffusionPipeline.from_pretrained(flux_path, quant="transformer=bnb:nf4,vae=quanto:qint8;device=mps")
+    assert not opened
+    text = str(err.value)
+    # all problems at once, each with its fix
+    assert "vae (vae)" in text and "fix: leave the VAE out of the plan" in text
+    assert "transformer (transformer)" in text and "fix: use device=cpu or device=cuda" in text
+
+
+def test_device_that_is_not_there_is_refused(flux_path):
+    from diffusers import FluxTransformer2DModel
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    diffusers_quant.install()
+    with pytest.raises(PlanRefused, match=r"device=cuda was asked for but no CUDA device is available; fix: use device=cpu"):
+        FluxTransformer2DModel.from_pretrained(flux_path / "transformer", quant="transformer=bnb:nf4;device=cuda")
+
+
+def test_missing_backend_library_names_the_extra(flux_path, monkeypatch):
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_quant.backends import get_backend
+
+    monkeypatch.setattr(type(get_backend("quanto")), "is_available", lambda self: False)
+    diffusers_quant.install()
+    with pytest.raises(PlanRefused, match=r"pip install 'diffusers-quant\[quanto\]'"):
+        FluxTransformer2DModel.from_pretrained(flux_path / "transformer", quant="transformer=quanto:qint8")
+
+
+def test_on_load_refused_for_bin_weights(tmp_path, flux_path):
+    from diffusers import FluxTransformer2DModel
+
+    plain = FluxTransformer2DModel.from_pretrained(flux_path / "transformer")
+    plain.save_pretrained(tmp_path / "transformer", safe_serialization=False)
+    diffusers_quant.install()
+    with pytest.raises(QuantError, match=r"mode=on-load needs a local folder with safetensors weights.*fix: use mode=post-load"):
+        FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", quant="transformer=bnb:nf4;mode=on-load")
+    auto = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", quant="transformer=bnb:nf4")
+    assert auto.quant_report["transformer"].mode == "post-load"

@@ -1,0 +1,127 @@
+"""Every backend x qtype x mode on the demo's transformer, UNet and a text encoder, through the real loaders."""
+
+import pytest
+import torch
+from helpers import generate, rel_l2
+
+import diffusers_quant
+from diffusers_quant.backends import all_backends, get_backend
+from diffusers_quant.components import select_linears
+from diffusers_quant.spec import Spec
+
+SPECS = [Spec(b.name, q) for b in all_backends() if b.name in ("bnb", "quanto") for q in b.qtypes]
+MODES = ["on-load", "post-load"]
+# Quantized layer types, by backend: what must replace nn.Linear.
+LAYER_TYPES = {"bnb": ("Linear4bit", "Linear8bitLt"), "quanto": ("QLinear",)}
+
+
+def _param_bytes(model):
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights count once
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _load(cls, folder, spec, mode):
+    return cls.from_pretrained(folder, dtype=torch.bfloat16, quant=f"{_kind(cls)}={spec};mode={mode}")
+
+
+def _kind(cls):
+    from diffusers_quant.components import kind_of_class
+
+    return kind_of_class(cls)
+
+
+def _check_quantized(model, plain, spec, report_row):
+    kind = report_row.kind
+    names = select_linears(plain, spec, kind)
+    assert names and report_row.layers_quantized == len(names)
+    for name in names:
+        assert type(model.get_submodule(name)).__name__ in LAYER_TYPES[spec.backend], name
+    # bytes before: what diffusers/transformers itself loads for this component
+    assert report_row.bytes_before == _param_bytes(plain)
+    # bytes after, predicted independently from the planning estimate of each replaced layer
+    backend = get_backend(spec.backend)
+    replaced = sum(plain.get_submodule(n).weight.numel() for n in names)
+    replaced_bytes = replaced * 2  # bf16
+    predicted = report_row.bytes_before - replaced_bytes + replaced * backend.bytes_per_param(spec)
+    assert report_row.bytes_after == pytest.approx(predicted, rel=0.05)
+    assert report_row.bytes_after < report_row.bytes_before
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_transformer_and_text_encoder(spec, mode, flux_path):
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    diffusers_quant.install()
+    for cls, sub in ((FluxTransformer2DModel, "transformer"), (T5EncoderModel, "text_encoder_2")):
+        plain = cls.from_pretrained(flux_path / sub, dtype=torch.bfloat16, quant="none=none")
+        model = _load(cls, flux_path / sub, spec, mode)
+        row = model.quant_report[sub]
+        assert row.mode == mode and row.spec == str(spec)
+        _check_quantized(model, plain, spec, row)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_unet(spec, mode, sd_path):
+    from diffusers import UNet2DConditionModel
+
+    diffusers_quant.install()
+    plain = UNet2DConditionModel.from_pretrained(sd_path / "unet", dtype=torch.bfloat16)
+    model = _load(UNet2DConditionModel, sd_path / "unet", spec, mode)
+    _check_quantized(model, plain, spec, model.quant_report["unet"])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_on_load_and_post_load_give_the_same_weights(spec, flux_path):
+    from diffusers import FluxTransformer2DModel
+
+    diffusers_quant.install()
+    on = _load(FluxTransformer2DModel, flux_path / "transformer", spec, "on-load")
+    post = _load(FluxTransformer2DModel, flux_path / "transformer", spec, "post-load")
+    on_state, post_state = on.state_dict(), post.state_dict()
+    assert on_state.keys() == post_state.keys()
+    for key, value in on_state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, post_state[key]), key
+
+
+# Image rel-L2 vs the unquantized pipeline (bf16), measured on the demo; bounds carry a margin.
+# Measured on 2 CPU cores (flux / sd): nf4 .006/.033, fp4 .007/.039, int8 .004/.015, qint8 .004/.012,
+# qfloat8 .004/.015, qint4 .007/.025, qint2 .015/.10.
+TOLERANCE = {"nf4": 0.08, "fp4": 0.1, "int8": 0.04, "qint8": 0.04, "qfloat8": 0.05, "qint4": 0.07, "qint2": 0.25}
+
+
+@pytest.fixture(scope="module")
+def reference_images(flux_path, sd_path):
+    from diffusers import DiffusionPipeline
+
+    return {name: generate(DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16))
+            for name, path in (("flux", flux_path), ("sd", sd_path))}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_generation_flux_within_tolerance(spec, flux_path, reference_images):
+    from diffusers import FluxPipeline
+
+    diffusers_quant.install(f"transformer={spec},text_encoder*={spec}")
+    pipe = FluxPipeline.from_pretrained(flux_path, dtype=torch.bfloat16)
+    assert {r.name for r in pipe.quant_report.components if r.spec} == {"transformer", "text_encoder", "text_encoder_2"}
+    image = generate(pipe)
+    assert image.shape == (64, 64, 3)
+    err = rel_l2(image, reference_images["flux"])
+    print(f"{spec} rel-L2 {err:.4f}")
+    assert 0 < err < TOLERANCE[spec.qtype], err
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_generation_sd_within_tolerance(spec, sd_path, reference_images):
+    from diffusers import StableDiffusionPipeline
+
+    diffusers_quant.install()
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path, dtype=torch.bfloat16, quant=f"model={spec}")
+    assert pipe.quant_report["unet"].layers_quantized > 0
+    err = rel_l2(generate(pipe), reference_images["sd"])
+    print(f"{spec} rel-L2 {err:.4f}")
+    assert 0 < err < TOLERANCE[spec.qtype], err

@@ -1,0 +1,101 @@
+"""The compatibility table: every allowed cell runs; refusals carry a reason and a fix; the README shows it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusers_quant
+from diffusers_quant.components import Component
+from diffusers_quant.rules import RULES, cells, markdown_table, problems, refusals_markdown, verdict
+from diffusers_quant.spec import Plan, Spec
+
+ALLOWED_CPU = [(s, k, o) for s, k, o, d, v in cells(devices=("cpu",)) if v.allowed]
+ALLOWED_CUDA = [(s, k, o) for s, k, o, d, v in cells(devices=("cuda",)) if v.allowed]
+
+
+def test_table_ends_with_a_catch_all_refusal():
+    last = RULES[-1]
+    assert not last.allowed and "not supported yet" in last.reason
+    assert verdict(Spec("bnb", "nf4"), "transformer", "group", "cuda").reason.startswith("not supported yet")
+
+
+def test_every_refusal_has_reason_and_fix():
+    for rule in RULES:
+        assert rule.allowed or (rule.reason and rule.fix), rule
+
+
+@pytest.mark.parametrize("spec,offload,fragment", [
+    (Spec("bnb", "nf4"), "sequential", "Blockwise quantization only supports 16/32-bit floats"),
+    (Spec("quanto", "qint8"), "sequential", "QBytesTensor.__new__() missing 5 required positional arguments"),
+    (Spec("quanto", "qint4"), "balanced", "Expected all tensors to be on the same device"),
+])
+def test_known_field_failures_are_refused_with_their_symptom(spec, offload, fragment):
+    v = verdict(spec, "transformer", offload, "cuda")
+    assert not v.allowed and fragment in v.reason and v.fix
+
+
+def test_checker_reports_all_problems_at_once():
+    plan = Plan.parse("transformer=bnb:nf4,vae=quanto:qint8,text_encoder=quanto:qint4;offload=sequential;device=cpu")
+    found = problems(plan, [Component("transformer", "transformer"), Component("vae", "vae"),
+                            Component("text_encoder", "text_encoder")])
+    assert len(found) == 3
+    assert any("vae (vae)" in p and "fix: leave the VAE out" in p for p in found)
+    assert all("fix:" in p for p in found)
+
+
+def test_readme_shows_the_generated_table():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert markdown_table() in readme, "README table is stale: paste `python -m diffusers_quant.rules`"
+    assert refusals_markdown() in readme
+
+
+def _component_source(kind, flux_path, sd_path, tmp_path_factory):
+    from diffusers import ControlNetModel, FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import T5EncoderModel
+
+    if kind == "transformer":
+        return FluxTransformer2DModel, flux_path / "transformer"
+    if kind == "unet":
+        return UNet2DConditionModel, sd_path / "unet"
+    if kind == "text_encoder":
+        return T5EncoderModel, flux_path / "text_encoder_2"
+    if kind == "controlnet":
+        folder = sd_path.parent / "demo-controlnet"
+        if not folder.exists():
+            unet = UNet2DConditionModel.from_pretrained(sd_path / "unet")
+            ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(folder)
+        return ControlNetModel, folder
+    raise AssertionError(f"no test component for kind {kind}")
+
+
+@pytest.mark.parametrize("spec,kind,offload", ALLOWED_CPU, ids=lambda x: str(x))
+def test_every_allowed_cpu_cell_runs(spec, kind, offload, flux_path, sd_path, tmp_path_factory):
+    cls, folder = _component_source(kind, flux_path, sd_path, tmp_path_factory)
+    diffusers_quant.install()
+    model = cls.from_pretrained(folder, dtype=torch.bfloat16, quant=f"{kind}={spec};offload={offload}")
+    row = next(iter(model.quant_report.components))
+    assert row.kind == kind and row.layers_quantized > 0 and row.bytes_after < row.bytes_before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec,kind,offload", ALLOWED_CUDA, ids=lambda x: str(x))
+def test_every_allowed_cuda_cell_runs(spec, kind, offload, flux_path, sd_path, tmp_path_factory):
+    """On CUDA a cell runs as a whole pipeline with its offload mode, and generates."""
+    from diffusers import DiffusionPipeline
+    from helpers import generate
+
+    if kind == "controlnet":
+        cls, folder = _component_source(kind, flux_path, sd_path, tmp_path_factory)
+        diffusers_quant.install()
+        model = cls.from_pretrained(folder, dtype=torch.bfloat16, quant=f"{kind}={spec};device=cuda")
+        assert next(iter(model.quant_report.components)).layers_quantized > 0
+        return
+    path = sd_path if kind == "unet" else flux_path
+    pattern = "text_encoder*" if kind == "text_encoder" else kind
+    diffusers_quant.install()
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16,
+                                             quant=f"{pattern}={spec};offload={offload};device=cuda")
+    image = generate(pipe)
+    assert image.shape == (64, 64, 3)
+    assert torch.cuda.max_memory_allocated() > 0

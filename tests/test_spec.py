@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from diffusers_quant import Plan, Spec, SpecError
+
+
+@pytest.mark.parametrize("text", ["bnb:nf4", "bnb:int8?threshold=0", "quanto:qint4?exclude=*proj_out*|*norm*",
+                                  "quanto:qfloat8", "bnb:fp4?blocksize=128&double_quant=false"])
+def test_spec_round_trips_through_string_and_json(text):
+    spec = Spec.parse(text)
+    assert Spec.parse(str(spec)) == spec
+    assert Spec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_spec_normalizes_aliases_and_sorts_options():
+    assert Spec.parse("quanto:int8") == Spec("quanto", "qint8")
+    a = Spec.parse("bnb:nf4?double_quant=false&blocksize=128")
+    b = Spec.parse("bnb:nf4?blocksize=128&double_quant=false")
+    assert a == b and str(a) == "bnb:nf4?blocksize=128&double_quant=false"
+    assert Spec.parse("quanto:qint4?exclude=a|b").patterns("exclude") == ("a", "b")
+
+
+def test_unknown_backend_lists_valid_ones():
+    with pytest.raises(SpecError, match=r"unknown backend 'bnbb'; expected one of bnb, .*quanto"):
+        Spec.parse("bnbb:nf4")
+
+
+def test_unknown_qtype_lists_the_backends_qtypes():
+    with pytest.raises(SpecError, match=r"unknown qtype 'nf3' for backend 'bnb'; expected one of fp4, int8, nf4"):
+        Spec.parse("bnb:nf3")
+    with pytest.raises(SpecError, match=r"qfloat8, qint2, qint4, qint8"):
+        Spec.parse("quanto:int3")
+
+
+def test_unknown_option_and_malformed_spec():
+    with pytest.raises(SpecError, match=r"unknown option 'group' for backend 'quanto'; expected one of"):
+        Spec.parse("quanto:qint4?group=32")
+    with pytest.raises(SpecError, match=r"expected 'backend:qtype'"):
+        Spec.parse("nf4")
+
+
+def test_plan_parses_entries_and_settings_and_round_trips():
+    plan = Plan.parse("transformer=bnb:nf4,text_encoder_2=quanto:qint8,vae=none;mode=on-load;offload=model;dtype=bf16")
+    assert plan.mode == "on-load" and plan.offload == "model" and plan.dtype == "bfloat16"
+    assert plan.spec_for("transformer", "transformer") == Spec("bnb", "nf4")
+    assert plan.spec_for("text_encoder_2", "text_encoder") == Spec("quanto", "qint8")
+    assert plan.spec_for("vae", "vae") is None
+    assert plan.spec_for("text_encoder", "text_encoder") is None
+    assert Plan.parse(str(plan)) == plan
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_plan_patterns_kinds_and_groups():
+    plan = Plan.parse("text_encoder*=quanto:qint8,model=bnb:int8")
+    assert plan.spec_for("text_encoder_3", "text_encoder") == Spec("quanto", "qint8")
+    assert plan.spec_for("unet", "unet") == Spec("bnb", "int8")
+    assert plan.spec_for("transformer", "transformer") == Spec("bnb", "int8")
+    assert plan.spec_for("vae", "vae") is None
+    # a bare kind matches a component of that kind whatever its name
+    assert Plan.parse("text_encoder=bnb:nf4").spec_for("t5", "text_encoder") == Spec("bnb", "nf4")
+    # first matching entry wins
+    first = Plan.parse("text_encoder_2=none,text_encoder*=bnb:nf4")
+    assert first.spec_for("text_encoder_2", "text_encoder") is None
+    assert first.spec_for("text_encoder", "text_encoder") == Spec("bnb", "nf4")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("transformer", r"bad plan item 'transformer'; expected 'component=backend:qtype'"),
+    ("transformer=bnb:nf4;mode=fast", r"unknown mode 'fast'; expected one of auto, on-load, post-load"),
+    ("transformer=bnb:nf4;offload=disk", r"unknown offload 'disk'; expected one of balanced, group, model, none"),
+    ("transformer=bnb:nf4;dtype=fp8", r"unknown dtype 'fp8'; expected one of bfloat16, float16, float32"),
+])
+def test_bad_plans_name_the_choices(text, message):
+    with pytest.raises(SpecError, match=message):
+        Plan.parse(text)
+
+
+def test_plan_coerce_accepts_mapping():
+    plan = Plan.coerce({"unet": "quanto:qint8", "text_encoder": None})
+    assert plan.spec_for("unet", "unet") == Spec("quanto", "qint8")
