@@ -26,6 +26,7 @@ __all__ = [
     "is_installed",
     "quantize",
     "quantized",
+    "save_quantized",
     "uninstall",
 ]
 
@@ -72,6 +73,13 @@ def quantize(model, spec: Spec | str, *, kind: str | None = None, device: str | 
     load_quantized(lambda *_a, **_k: model, type(model), None, (), {}, plan, spec, kind, kind, report)
     model.quant_report = report
     return report[kind]
+
+
+def save_quantized(model, folder) -> str:
+    """Save a quantized component to a new folder; loading that folder later needs no requantization."""
+    from .saving import save_quantized as _save
+
+    return str(_save(model, folder))
 
 
 def _device_of(model) -> str:

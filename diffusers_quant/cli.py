@@ -24,7 +24,9 @@ def _model_path(args) -> tuple[str, bool]:
     """The pipeline to load, and whether it is the embedded demo."""
     if args.model:
         if not os.path.exists(args.model):
-            raise QuantError(f"--model {args.model!r} does not exist; give a local pipeline folder or a single file")
+            raise QuantError(
+                f"--model {args.model!r} does not exist; give a local pipeline folder or a single file"
+            )
         return args.model, False
     from .demo import demo_path
 
@@ -41,8 +43,10 @@ def _load_pipeline(path: str, plan, pipeline: str | None):
             raise QuantError(f"{path!r} has no model_index.json: it is not a diffusers pipeline folder")
         return DiffusionPipeline.from_pretrained(path, dtype=dtype, quant=plan)
     if not pipeline:
-        raise QuantError(f"{path!r} is a single file; name its pipeline class with --pipeline, "
-                         "e.g. --pipeline StableDiffusionPipeline")
+        raise QuantError(
+            f"{path!r} is a single file; name its pipeline class with --pipeline, "
+            "e.g. --pipeline StableDiffusionPipeline"
+        )
     import diffusers
 
     cls = getattr(diffusers, pipeline, None)
@@ -63,8 +67,11 @@ def cmd_generate(args) -> int:
     load_seconds = time.perf_counter() - start
     print(pipe.quant_report)
     print(f"load time: {load_seconds:.2f}s")
-    size = {"height": args.height or 64, "width": args.width or 64} if is_demo else {
-        "height": args.height, "width": args.width}
+    size = (
+        {"height": args.height or 64, "width": args.width or 64}
+        if is_demo
+        else {"height": args.height, "width": args.width}
+    )
     kwargs = generate_kwargs(pipe, prompt=args.prompt, steps=args.steps, seed=args.seed, **size)
     image = pipe(**kwargs).images[0]
     out = Path(args.out)
@@ -106,8 +113,12 @@ def cmd_run(args) -> int:
 
 
 def _add_plan_args(p: argparse.ArgumentParser, default_quant: str | None = DEFAULT_QUANT) -> None:
-    p.add_argument("--quant", default=default_quant, required=default_quant is None,
-                   help=f"plan, e.g. 'transformer=bnb:nf4,text_encoder_2=quanto:qint8' (default {DEFAULT_QUANT})")
+    p.add_argument(
+        "--quant",
+        default=default_quant,
+        required=default_quant is None,
+        help=f"plan, e.g. 'transformer=bnb:nf4,text_encoder_2=quanto:qint8' (default {DEFAULT_QUANT})",
+    )
     p.add_argument("--mode", choices=("auto", "on-load", "post-load"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: the plan's, else cpu)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default bfloat16)")
@@ -120,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="load a pipeline quantized and generate an image")
     _add_plan_args(gen)
     gen.add_argument("--model", help="local pipeline folder or single file (default: the embedded demo)")
-    gen.add_argument("--demo", choices=("flux", "sd"), default="flux", help="which embedded demo (default flux)")
-    gen.add_argument("--pipeline", help="pipeline class for a single-file --model, e.g. StableDiffusionPipeline")
+    gen.add_argument(
+        "--demo", choices=("flux", "sd"), default="flux", help="which embedded demo (default flux)"
+    )
+    gen.add_argument(
+        "--pipeline", help="pipeline class for a single-file --model, e.g. StableDiffusionPipeline"
+    )
     gen.add_argument("--prompt", default="a photo of a red cat on a tree")
     gen.add_argument("--steps", type=int, default=4)
     gen.add_argument("--seed", type=int, default=0)

@@ -47,7 +47,12 @@ def _is_transformers_class(cls: type | str) -> bool:
 # weight but most of the quantization error (what SD.Next, Forge and ComfyUI keep unquantized too).
 DEFAULT_EXCLUDE: dict[str, tuple[str, ...]] = {
     "transformer": (
-        "*embed*", "*embedder*", "proj_out", "norm_out.*", "*time_text_embed*", "*timestep_embedder*",
+        "*embed*",
+        "*embedder*",
+        "proj_out",
+        "norm_out.*",
+        "*time_text_embed*",
+        "*timestep_embedder*",
     ),
     "unet": ("conv_in", "conv_out", "time_embedding.*", "add_embedding.*", "*class_embedding*"),
     "controlnet": ("conv_in", "time_embedding.*", "add_embedding.*", "*controlnet_cond_embedding*"),

@@ -91,7 +91,9 @@ def _t5_tokenizer(max_length: int = 64):
     tk = Tokenizer(models.Unigram(vocab, unk_id=2))
     tk.pre_tokenizer = pre_tokenizers.Metaspace()
     tk.decoder = decoders.Metaspace()
-    tok = T5TokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+    tok = T5TokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
     tok.model_max_length = max_length
     return tok
 
@@ -100,8 +102,15 @@ def _clip_text_encoder(vocab_size: int, hidden: int = 128, projection: int | Non
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
         projection_dim=projection or hidden,
     )
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
@@ -112,10 +121,15 @@ def _vae(latent_channels: int, shift_factor: float | None = None):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=64,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
         shift_factor=shift_factor,
     ).eval()
 
@@ -130,19 +144,39 @@ def build_flux():
     t5_tok = _t5_tokenizer()
     text_encoder = _clip_text_encoder(len(clip_tok), hidden=128)
     t5_config = T5Config(
-        vocab_size=len(t5_tok), d_model=256, d_kv=64, d_ff=512, num_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, feed_forward_proj="gated-gelu",
+        vocab_size=len(t5_tok),
+        d_model=256,
+        d_kv=64,
+        d_ff=512,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        feed_forward_proj="gated-gelu",
     )
     text_encoder_2 = T5EncoderModel(t5_config).eval()
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=64,
-        num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=False,
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=64,
+        num_attention_heads=4,
+        joint_attention_dim=256,
+        pooled_projection_dim=128,
+        guidance_embeds=False,
         axes_dims_rope=(16, 24, 24),
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
     return FluxPipeline(
-        scheduler=scheduler, vae=_vae(latent_channels=4, shift_factor=0.0), text_encoder=text_encoder, tokenizer=clip_tok,
-        text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae(latent_channels=4, shift_factor=0.0),
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
     )
 
 
@@ -154,14 +188,30 @@ def build_sd():
     tok = _clip_tokenizer()
     text_encoder = _clip_text_encoder(len(tok), hidden=128)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(128, 256),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(128, 256),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        use_linear_projection=True,
     ).eval()
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
     return StableDiffusionPipeline(
-        vae=_vae(latent_channels=4), text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=_vae(latent_channels=4),
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -169,8 +219,13 @@ def generate_kwargs(pipe, *, prompt: str, steps: int, seed: int, height: int = 6
     """Call arguments that fit the demo sizes for the pipeline's family."""
     import torch
 
-    kwargs = dict(prompt=prompt, num_inference_steps=steps, height=height, width=width,
-                  generator=torch.Generator("cpu").manual_seed(seed))
+    kwargs = dict(
+        prompt=prompt,
+        num_inference_steps=steps,
+        height=height,
+        width=width,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    )
     if type(pipe).__name__.startswith("Flux"):
         kwargs.update(max_sequence_length=min(64, pipe.tokenizer_2.model_max_length), guidance_scale=3.5)
     return kwargs

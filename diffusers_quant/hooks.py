@@ -25,7 +25,8 @@ import torch
 
 from .components import Component, kind_of_class
 from .errors import QuantError
-from .loading import ACTIVE_PIPELINE, PipelineLoad, component_report, load_model, load_quantized, place_pipeline
+from .loading import ACTIVE_PIPELINE, PipelineLoad, component_report, load_model, load_quantized
+from .offload import place_pipeline
 from .report import Report
 from .rules import enforce
 from .spec import Plan
@@ -35,7 +36,9 @@ QUANT_KWARG = "quant"
 
 _ORIGINALS: dict[tuple[type, str], object] = {}
 _INSTALLED_PLAN: Plan | None = None
-_CONTEXT_PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("diffusers_quant_plan", default=None)
+_CONTEXT_PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar(
+    "diffusers_quant_plan", default=None
+)
 
 
 def ambient_plan() -> Plan | None:
@@ -62,8 +65,10 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
     active = ACTIVE_PIPELINE.get()
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
     if plan is not None and plan.mode == "on-load":
-        raise QuantError("mode=on-load is not supported for single-file checkpoints yet (their keys need "
-                         "conversion first); fix: use mode=post-load or mode=auto")
+        raise QuantError(
+            "mode=on-load is not supported for single-file checkpoints yet (their keys need "
+            "conversion first); fix: use mode=post-load or mode=auto"
+        )
     # Single files always go through the library's converter, then get quantized module by module.
     return load_model(original, cls, pretrained, args, kwargs, plan and plan.with_settings(mode="post-load"))
 
@@ -125,9 +130,8 @@ def _finish_pipeline(pipe, plan: Plan, report: Report):
 
 
 def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *args, **kwargs):
-    plan = _call_plan(kwargs) or ambient_plan()
-    if plan is None:
-        return original(cls, pretrained, *args, **kwargs)
+    # With no plan the load still runs under an empty one, so components saved quantized are reported.
+    plan = _call_plan(kwargs) or ambient_plan() or Plan(source="none")
     folder = _local_folder(pretrained)
     enforce(plan, _pipeline_components(cls, folder, kwargs), whole_pipeline=True)
     report = Report(plan=str(plan), offload=plan.offload)
@@ -144,8 +148,10 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)
     if plan.mode == "on-load":
-        raise QuantError("mode=on-load is not supported for single-file checkpoints yet (their keys need "
-                         "conversion first); fix: use mode=post-load or mode=auto")
+        raise QuantError(
+            "mode=on-load is not supported for single-file checkpoints yet (their keys need "
+            "conversion first); fix: use mode=post-load or mode=auto"
+        )
     enforce(plan, _pipeline_components(cls, None, kwargs), whole_pipeline=True)
     report = Report(plan=str(plan), offload=plan.offload)
     # Components are built by the library's converters (some bypass the hooks), so load them all
@@ -160,7 +166,9 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
         kind = kind_of_class(type(module))
         spec = post.spec_for(name, kind) if hasattr(module, "parameters") else None
         if spec is not None:
-            load_quantized(lambda *_a, **_k: module, type(module), None, (), {}, post, spec, name, kind, report)
+            load_quantized(
+                lambda *_a, _m=module, **_k: _m, type(module), None, (), {}, post, spec, name, kind, report
+            )
     return _finish_pipeline(pipe, plan, report)
 
 
@@ -170,7 +178,12 @@ _TARGETS: tuple[tuple[str, str, str, Callable], ...] = (
     ("diffusers.pipelines.pipeline_utils", "DiffusionPipeline", "from_pretrained", _pipeline_from_pretrained),
     ("diffusers.loaders.single_file", "FromSingleFileMixin", "from_single_file", _pipeline_from_single_file),
     ("diffusers.models.modeling_utils", "ModelMixin", "from_pretrained", _model_from_pretrained),
-    ("diffusers.loaders.single_file_model", "FromOriginalModelMixin", "from_single_file", _model_from_single_file),
+    (
+        "diffusers.loaders.single_file_model",
+        "FromOriginalModelMixin",
+        "from_single_file",
+        _model_from_single_file,
+    ),
     ("transformers.modeling_utils", "PreTrainedModel", "from_pretrained", _model_from_pretrained),
 )
 
@@ -196,7 +209,7 @@ def install(plan: Plan | str | dict | None = None) -> None:
         _INSTALLED_PLAN = Plan.coerce(plan, source="install")
     if _ORIGINALS:
         return
-    for (owner, attr), (_, _, _, body) in zip(targets(), _TARGETS):
+    for (owner, attr), (_, _, _, body) in zip(targets(), _TARGETS, strict=True):
         original = owner.__dict__[attr]
         _ORIGINALS[(owner, attr)] = original
         setattr(owner, attr, _wrap(original.__func__, body))

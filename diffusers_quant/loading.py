@@ -14,7 +14,8 @@ from .components import Component, count_linears, fp32_modules, kind_of_class
 from .errors import QuantError
 from .quantize import quantize_model, state_nbytes
 from .report import ComponentReport, Report
-from .rules import device_type, enforce
+from .rules import enforce
+from .saving import load_prequantized, read_quant_metadata
 from .spec import Plan, Spec
 from .streaming import plan_stream, stream_load
 
@@ -44,7 +45,9 @@ def component_name(cls: type, pretrained, kwargs: dict) -> str:
 def _resolve_folder(pretrained, kwargs: dict) -> str | None:
     if not isinstance(pretrained, (str, os.PathLike)):
         return None
-    folder = os.path.join(str(pretrained), kwargs["subfolder"]) if kwargs.get("subfolder") else str(pretrained)
+    folder = (
+        os.path.join(str(pretrained), kwargs["subfolder"]) if kwargs.get("subfolder") else str(pretrained)
+    )
     return folder if os.path.isdir(folder) else None
 
 
@@ -63,7 +66,9 @@ def _progress(total: int | None, desc: str):
     from tqdm.auto import tqdm
 
     # Same switch as diffusers' own bars: DIFFUSERS_QUANT_PROGRESS=0 silences ours.
-    return tqdm(total=total, desc=desc, leave=False, disable=os.environ.get("DIFFUSERS_QUANT_PROGRESS") == "0")
+    return tqdm(
+        total=total, desc=desc, leave=False, disable=os.environ.get("DIFFUSERS_QUANT_PROGRESS") == "0"
+    )
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -85,8 +90,18 @@ def fp_nbytes(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
     return total
 
 
-def load_quantized(original: Callable, cls: type, pretrained, args: tuple, kwargs: dict, plan: Plan,
-                   spec: Spec, name: str, kind: str, report: Report) -> torch.nn.Module:
+def load_quantized(
+    original: Callable,
+    cls: type,
+    pretrained,
+    args: tuple,
+    kwargs: dict,
+    plan: Plan,
+    spec: Spec,
+    name: str,
+    kind: str,
+    report: Report,
+) -> torch.nn.Module:
     """Load one model with ``spec`` applied, on load when possible (or asked), else straight after load."""
     dtype = _load_dtype(cls, kwargs, plan)
     device = torch.device(plan.device)
@@ -103,22 +118,68 @@ def load_quantized(original: Callable, cls: type, pretrained, args: tuple, kwarg
     if stream is not None:
         bytes_before, total = fp_nbytes(stream.model, dtype), count_linears(stream.model)
         with _progress(len(stream.keys), f"{name}: {spec} on load (tensors)") as bar:
-            model = stream_load(stream, spec, dtype=dtype, compute_dtype=dtype or torch.float32, device=device,
-                                on_tensor=bar.update)
+            model = stream_load(
+                stream,
+                spec,
+                dtype=dtype,
+                compute_dtype=dtype or torch.float32,
+                device=device,
+                on_tensor=bar.update,
+            )
         mode, quantized = "on-load", len(stream.selected)
     else:
         model = original(cls, pretrained, *args, **kwargs)
         bytes_before = state_nbytes(model)
         with _progress(None, f"{name}: {spec} after load (layers)") as bar:
-            stats = quantize_model(model, spec, kind, dtype or _float_dtype(model), device=device, progress=bar)
+            stats = quantize_model(
+                model, spec, kind, dtype or _float_dtype(model), device=device, progress=bar
+            )
         mode, quantized, total = "post-load", stats.quantized_layers, stats.total_linears
     if hasattr(model, "register_to_config") and folder is not None:
         model.register_to_config(_name_or_path=str(folder))
-    report.add(ComponentReport(
-        name=name, kind=kind, class_name=cls.__name__, spec=str(spec), mode=mode, bytes_before=bytes_before,
-        bytes_after=state_nbytes(model), layers_quantized=quantized, linears_total=total,
-        seconds=time.perf_counter() - start, device=str(device),
-    ))
+    report.add(
+        ComponentReport(
+            name=name,
+            kind=kind,
+            class_name=cls.__name__,
+            spec=str(spec),
+            mode=mode,
+            bytes_before=bytes_before,
+            bytes_after=state_nbytes(model),
+            layers_quantized=quantized,
+            linears_total=total,
+            seconds=time.perf_counter() - start,
+            device=str(device),
+        )
+    )
+    return model
+
+
+def load_saved(
+    cls: type, folder: str, meta: dict, name: str, kind: str, plan: Plan | None, report: Report
+) -> torch.nn.Module:
+    """A component saved quantized by diffusers_quant: rebuilt as it is, no dataset, no requantizing."""
+    device = torch.device(plan.device if plan else "cpu")
+    dtype = getattr(torch, plan.dtype) if plan and plan.dtype else None
+    start = time.perf_counter()
+    model = load_prequantized(cls, folder, meta, device, compute_dtype=dtype)
+    specs = sorted({f"{e['backend']}:{e['config'].get('qtype', '?')}" for e in meta["layers"].values()})
+    nbytes = state_nbytes(model)
+    report.add(
+        ComponentReport(
+            name=name,
+            kind=kind,
+            class_name=cls.__name__,
+            spec="+".join(specs),
+            mode="pre-quantized",
+            bytes_before=nbytes,
+            bytes_after=nbytes,
+            layers_quantized=len(meta["layers"]),
+            linears_total=len(meta["layers"]) + count_linears(model),
+            seconds=time.perf_counter() - start,
+            device=str(device),
+        )
+    )
     return model
 
 
@@ -127,6 +188,15 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     active = ACTIVE_PIPELINE.get()
     if plan is None and active is not None:
         plan = active.plan
+    # A saved quantized component is recognised from its header before anything else is read.
+    folder = _resolve_folder(pretrained, kwargs)
+    meta = read_quant_metadata(folder, kwargs.get("variant"))
+    if meta is not None:
+        name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
+        report = active.report if active is not None else Report(plan=str(plan or ""))
+        model = load_saved(cls, folder, meta, name, kind, plan, report)
+        model.quant_report = report
+        return model
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)
     name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
@@ -143,20 +213,21 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     return model
 
 
-def place_pipeline(pipe, plan: Plan) -> None:
-    """Apply the plan's offload mode (or move to the device) once every component is loaded."""
-    if plan.offload == "model":
-        pipe.enable_model_cpu_offload(device=plan.device)
-    elif plan.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=plan.device)
-    elif device_type(plan.device) != "cpu":
-        pipe.to(plan.device)
-
-
 def component_report(name: str, module, kind: str) -> ComponentReport:
     """A row for a component the plan left in full precision."""
     nbytes = state_nbytes(module) if isinstance(module, torch.nn.Module) else 0
-    device = str(next(module.parameters()).device) if isinstance(module, torch.nn.Module) and any(
-        True for _ in module.parameters()) else "-"
-    return ComponentReport(name=name, kind=kind, class_name=type(module).__name__, spec=None, mode="none",
-                           bytes_before=nbytes, bytes_after=nbytes, device=device)
+    device = (
+        str(next(module.parameters()).device)
+        if isinstance(module, torch.nn.Module) and any(True for _ in module.parameters())
+        else "-"
+    )
+    return ComponentReport(
+        name=name,
+        kind=kind,
+        class_name=type(module).__name__,
+        spec=None,
+        mode="none",
+        bytes_before=nbytes,
+        bytes_after=nbytes,
+        device=device,
+    )

@@ -43,20 +43,29 @@ def _tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def quantize_linear_into(model: torch.nn.Module, name: str, linear: torch.nn.Linear, spec: Spec,
-                         compute_dtype: torch.dtype) -> None:
+def quantize_linear_into(
+    model: torch.nn.Module, name: str, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+) -> None:
     parent, attr = get_submodule_parent(model, name)
     quantized = get_backend(spec.backend).quantize_linear(linear, spec, compute_dtype)
     setattr(parent, attr, quantized)
 
 
-def quantize_model(model: torch.nn.Module, spec: Spec, kind: str, compute_dtype: torch.dtype,
-                   device: torch.device | str | None = None, progress=None) -> QuantStats:
+def quantize_model(
+    model: torch.nn.Module,
+    spec: Spec,
+    kind: str,
+    compute_dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    progress=None,
+) -> QuantStats:
     """Quantize ``model`` in place, module by module; leaves every tensor on ``device`` (if given)."""
     get_backend(spec.backend).require()
     names = select_linears(model, spec, kind)
-    stats = QuantStats(quantized_layers=len(names),
-                       total_linears=sum(isinstance(m, torch.nn.Linear) for m in model.modules()))
+    stats = QuantStats(
+        quantized_layers=len(names),
+        total_linears=sum(isinstance(m, torch.nn.Linear) for m in model.modules()),
+    )
     for name in names:
         linear = model.get_submodule(name)
         if device is not None:

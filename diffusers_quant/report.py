@@ -43,17 +43,30 @@ class Report:
         return [c.name for c in self.components]
 
     def to_dict(self) -> dict:
-        return {"plan": self.plan, "offload": self.offload, "components": [asdict(c) for c in self.components]}
+        return {
+            "plan": self.plan,
+            "offload": self.offload,
+            "components": [asdict(c) for c in self.components],
+        }
 
     def __str__(self) -> str:
         header = ("component", "spec", "mode", "layers", "before", "after", "ratio", "time", "device")
         rows = [
-            (c.name, c.spec or "-", c.mode, f"{c.layers_quantized}/{c.linears_total}", _mib(c.bytes_before),
-             _mib(c.bytes_after), f"{c.ratio:.2f}x", f"{c.seconds:.2f}s", c.device)
+            (
+                c.name,
+                c.spec or "-",
+                c.mode,
+                f"{c.layers_quantized}/{c.linears_total}",
+                _mib(c.bytes_before),
+                _mib(c.bytes_after),
+                f"{c.ratio:.2f}x",
+                f"{c.seconds:.2f}s",
+                c.device,
+            )
             for c in self.components
         ]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in [header, *rows]]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)) for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         extra = f"plan: {self.plan}" + (f"   offload: {self.offload}" if self.offload != "none" else "")
         return "\n".join([extra, *lines])

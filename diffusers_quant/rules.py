@@ -36,33 +36,71 @@ class Rule:
     def matches(self, backend: str, qtype: str, kind: str, offload: str, device: str) -> bool:
         values = (backend, qtype, kind, offload, device)
         fields = (self.backend, self.qtype, self.kind, self.offload, self.device)
-        return all(any(fnmatch.fnmatchcase(v, alt) for alt in f.split("|")) for v, f in zip(values, fields))
+        return all(
+            any(fnmatch.fnmatchcase(v, alt) for alt in f.split("|"))
+            for v, f in zip(values, fields, strict=True)
+        )
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(kind="vae", reason="VAE weights are mostly convolutions and quality-sensitive: quantizing them saves "
-         "little memory and shows as artefacts", fix="leave the VAE out of the plan (or vae=none)"),
-    Rule(kind="other", reason="this component is neither a transformer, UNet, ControlNet nor text encoder",
-         fix="quantize the transformer/UNet and text encoders only"),
-    Rule(device="mps|xpu|npu|hpu", reason="no tested kernels for this device", fix="use device=cpu or device=cuda"),
-    Rule(offload="model|sequential|balanced|group", device="cpu",
-         reason="offloading moves weights between the CPU and an accelerator; with device=cpu there is nothing "
-         "to offload", fix="use offload=none on the CPU, or device=cuda"),
-    Rule(backend="bnb", qtype="nf4|fp4", offload="sequential",
-         reason="sequential offload re-creates bnb 4-bit weights on every move and fails with 'Blockwise "
-         "quantization only supports 16/32-bit floats'", fix="use offload=model"),
-    Rule(backend="quanto", offload="sequential",
-         reason="sequential offload rebuilds quanto tensors through accelerate and fails with "
-         "'QBytesTensor.__new__() missing 5 required positional arguments'", fix="use offload=model"),
-    Rule(backend="quanto", offload="balanced",
-         reason="balanced offload is allowed only for bnb and NNCF; quanto layers split across devices fail with "
-         "'Expected all tensors to be on the same device'", fix="use offload=model, or a bnb/nncf spec"),
-    Rule(backend="gguf", offload="balanced", reason="balanced offload is allowed only for bnb and NNCF",
-         fix="use offload=model or offload=none for a GGUF transformer"),
-    Rule(backend="bnb|quanto", kind=QUANTIZABLE, offload="none", device="cpu|cuda", allowed=True),
-    Rule(backend="bnb|quanto", kind=QUANTIZABLE, offload="model", device="cuda", allowed=True),
-    Rule(reason="not supported yet (no test runs this combination)",
-         fix="use offload=none or offload=model, on device=cpu or device=cuda"),
+    Rule(
+        kind="vae",
+        reason="VAE weights are mostly convolutions and quality-sensitive: quantizing them saves "
+        "little memory and shows as artefacts",
+        fix="leave the VAE out of the plan (or vae=none)",
+    ),
+    Rule(
+        kind="other",
+        reason="this component is neither a transformer, UNet, ControlNet nor text encoder",
+        fix="quantize the transformer/UNet and text encoders only",
+    ),
+    Rule(
+        device="mps|xpu|npu|hpu",
+        reason="no tested kernels for this device",
+        fix="use device=cpu or device=cuda",
+    ),
+    Rule(
+        offload="model|sequential|balanced|group",
+        device="cpu",
+        reason="offloading moves weights between the CPU and an accelerator; with device=cpu there is nothing "
+        "to offload",
+        fix="use offload=none on the CPU, or device=cuda",
+    ),
+    Rule(
+        backend="bnb",
+        qtype="nf4|fp4",
+        offload="sequential",
+        reason="sequential offload re-creates bnb 4-bit weights on every move and fails with 'Blockwise "
+        "quantization only supports 16/32-bit floats'",
+        fix="use offload=model",
+    ),
+    Rule(
+        backend="quanto",
+        offload="sequential",
+        reason="sequential offload rebuilds quanto tensors through accelerate and fails with "
+        "'QBytesTensor.__new__() missing 5 required positional arguments'",
+        fix="use offload=model",
+    ),
+    Rule(
+        backend="quanto",
+        offload="balanced",
+        reason="balanced offload is allowed only for bnb and NNCF; quanto layers split across devices fail with "
+        "'Expected all tensors to be on the same device'",
+        fix="use offload=model, or a bnb/nncf spec",
+    ),
+    Rule(
+        backend="gguf",
+        offload="balanced",
+        reason="balanced offload is allowed only for bnb and NNCF",
+        fix="use offload=model or offload=none for a GGUF transformer",
+    ),
+    Rule(backend="bnb|quanto|nncf", kind=QUANTIZABLE, offload="none", device="cpu|cuda", allowed=True),
+    Rule(backend="bnb|quanto|nncf", kind=QUANTIZABLE, offload="model", device="cuda", allowed=True),
+    Rule(backend="bnb|nncf", kind=QUANTIZABLE, offload="balanced", device="cuda", allowed=True),
+    Rule(
+        reason="not supported yet (no test runs this combination)",
+        fix="use offload=none or offload=model, on device=cpu or device=cuda",
+    ),
 )
 
 
@@ -101,21 +139,27 @@ def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: boo
         names = ", ".join(f"{c.name} ({c.kind})" for c in components)
         unused = [p for p, _ in plan.entries if not any(_pattern_hits(p, c) for c in components)]
         if unused:
-            found.append(f"plan pattern(s) {', '.join(repr(p) for p in unused)} match no component; "
-                         f"this pipeline has: {names}")
+            found.append(
+                f"plan pattern(s) {', '.join(repr(p) for p in unused)} match no component; "
+                f"this pipeline has: {names}"
+            )
     for c in components:
         spec = plan.spec_for(c.name, c.kind)
         if spec is None:
             continue
         backend = get_backend(spec.backend)
         if not backend.is_available():
-            found.append(f"{c.name}: backend {spec.backend!r} needs the {backend.module!r} package; "
-                         f"fix: pip install 'diffusers-quant[{backend.extra}]'")
+            found.append(
+                f"{c.name}: backend {spec.backend!r} needs the {backend.module!r} package; "
+                f"fix: pip install 'diffusers-quant[{backend.extra}]'"
+            )
             continue
         v = verdict(spec, c.kind, plan.offload, plan.device)
         if not v.allowed:
-            found.append(f"{c.name} ({c.kind}) with {spec}, offload={plan.offload}, device={dev}: {v.reason}; "
-                         f"fix: {v.fix}")
+            found.append(
+                f"{c.name} ({c.kind}) with {spec}, offload={plan.offload}, device={dev}: {v.reason}; "
+                f"fix: {v.fix}"
+            )
     return found
 
 
@@ -145,8 +189,14 @@ def cells(devices: Iterable[str] = DEVICES) -> Iterator[tuple[Spec, str, str, st
 
 
 TABLE_KINDS = ("transformer", "unet", "text_encoder", "controlnet", "vae")
-TABLE_COLUMNS = (("none", "cpu"), ("none", "cuda"), ("model", "cuda"), ("sequential", "cuda"),
-                 ("balanced", "cuda"), ("group", "cuda"))
+TABLE_COLUMNS = (
+    ("none", "cpu"),
+    ("none", "cuda"),
+    ("model", "cuda"),
+    ("sequential", "cuda"),
+    ("balanced", "cuda"),
+    ("group", "cuda"),
+)
 
 
 def markdown_table() -> str:
@@ -176,7 +226,10 @@ def refusals_markdown() -> str:
     def cell(text: str) -> str:
         return text.replace("|", " or ")
 
-    lines = ["| backend | qtype | component | offload | device | reason | fix |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backend | qtype | component | offload | device | reason | fix |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in RULES:
         if not r.allowed:
             fields = (r.backend, r.qtype, r.kind, r.offload, r.device, r.reason, r.fix)

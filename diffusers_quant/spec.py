@@ -19,14 +19,20 @@ from .errors import SpecError, choices
 MODES = ("auto", "on-load", "post-load")
 OFFLOADS = ("none", "model", "sequential", "balanced", "group")
 DTYPES = ("bfloat16", "float16", "float32")
-SETTINGS = ("mode", "offload", "device", "dtype")
+SETTINGS = ("mode", "offload", "device", "dtype", "gpu_memory")
 
 # Component kinds: what a component is, whatever the pipeline calls it.
 KINDS = ("transformer", "unet", "text_encoder", "vae", "controlnet", "other")
 # Group names usable as patterns, expanding to kinds.
 GROUPS = {"model": ("transformer", "unet")}
 
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+}
 
 
 def normalize_dtype(name: str) -> str:
@@ -123,6 +129,8 @@ class Plan:
     offload: str = "none"
     device: str = "cpu"
     dtype: str | None = None
+    # GiB of GPU memory a balanced offload may fill per component (default: accelerate's balanced split).
+    gpu_memory: float | None = None
     # Where the plan came from (call, context, env); not part of its identity.
     source: str = field(default="python", compare=False)
 
@@ -133,6 +141,13 @@ class Plan:
             raise SpecError(f"unknown offload {self.offload!r}; expected one of {choices(OFFLOADS)}")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.gpu_memory is not None:
+            try:
+                object.__setattr__(self, "gpu_memory", float(self.gpu_memory))
+            except ValueError:
+                raise SpecError(
+                    f"gpu_memory={self.gpu_memory!r}; expected a number of GiB, e.g. gpu_memory=8"
+                ) from None
         for pattern, _ in self.entries:
             if not pattern:
                 raise SpecError("empty component pattern in plan; expected e.g. 'transformer=bnb:nf4'")
@@ -194,6 +209,7 @@ class Plan:
             "offload": self.offload,
             "device": self.device,
             "dtype": self.dtype,
+            "gpu_memory": self.gpu_memory,
         }
 
     def to_json(self) -> str:

@@ -73,8 +73,9 @@ def build_empty(cls: type, folder: str | os.PathLike) -> torch.nn.Module:
         return cls.from_config(config)
 
 
-def plan_stream(cls: type, folder: str | os.PathLike, spec: Spec, kind: str,
-                variant: str | None = None) -> StreamPlan | None:
+def plan_stream(
+    cls: type, folder: str | os.PathLike, spec: Spec, kind: str, variant: str | None = None
+) -> StreamPlan | None:
     """A StreamPlan if this checkpoint can be streamed into ``cls`` key for key, else None."""
     from safetensors import safe_open
 
@@ -98,20 +99,45 @@ def plan_stream(cls: type, folder: str | os.PathLike, spec: Spec, kind: str,
     missing = expected - set(keys) - set(tied)
     if missing:
         return None  # the checkpoint needs a key conversion: the library's own loader must read it
-    return StreamPlan(model=model, files=files, keys=keys, selected=select_linears(model, spec, kind), tied=tied,
-                      checkpoint_nbytes=nbytes)
+    return StreamPlan(
+        model=model,
+        files=files,
+        keys=keys,
+        selected=select_linears(model, spec, kind),
+        tied=tied,
+        checkpoint_nbytes=nbytes,
+    )
 
 
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def _dtype_size(name: str) -> int:
     return _DTYPE_SIZES.get(name, 4)
 
 
-def stream_load(plan: StreamPlan, spec: Spec, *, dtype: torch.dtype | None, compute_dtype: torch.dtype,
-                device: torch.device | str, on_tensor: Callable[[], None] | None = None) -> torch.nn.Module:
+def stream_load(
+    plan: StreamPlan,
+    spec: Spec,
+    *,
+    dtype: torch.dtype | None,
+    compute_dtype: torch.dtype,
+    device: torch.device | str,
+    on_tensor: Callable[[], None] | None = None,
+) -> torch.nn.Module:
     """Fill ``plan.model`` from the checkpoint, quantizing the selected layers as their tensors arrive."""
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
@@ -135,7 +161,11 @@ def stream_load(plan: StreamPlan, spec: Spec, *, dtype: torch.dtype | None, comp
                     tensor = f.get_tensor(key)
                     value_dtype = None
                     if tensor.is_floating_point():
-                        value_dtype = torch.float32 if keep_fp32.intersection(key.split(".")) else (dtype or tensor.dtype)
+                        value_dtype = (
+                            torch.float32
+                            if keep_fp32.intersection(key.split("."))
+                            else (dtype or tensor.dtype)
+                        )
                     set_module_tensor_to_device(model, key, device, value=tensor, dtype=value_dtype)
                 if on_tensor is not None:
                     on_tensor()
@@ -164,8 +194,13 @@ def _is_model_key(model: torch.nn.Module, key: str) -> bool:
     return attr in module._parameters or attr in module._buffers
 
 
-def _quantize_layer(model: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: Spec,
-                    compute_dtype: torch.dtype) -> None:
+def _quantize_layer(
+    model: torch.nn.Module,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    spec: Spec,
+    compute_dtype: torch.dtype,
+) -> None:
     meta = model.get_submodule(name)
     linear = torch.nn.Linear(meta.in_features, meta.out_features, bias="bias" in tensors, device="meta")
     linear.weight = torch.nn.Parameter(tensors["weight"], requires_grad=False)

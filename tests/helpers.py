@@ -8,7 +8,9 @@ def generate(pipe, seed: int = 0, steps: int = 3):
     from diffusers_quant.demo import generate_kwargs
 
     pipe.set_progress_bar_config(disable=True)
-    return pipe(**generate_kwargs(pipe, prompt="a red cat on a tree", steps=steps, seed=seed), output_type="np").images[0]
+    return pipe(
+        **generate_kwargs(pipe, prompt="a red cat on a tree", steps=steps, seed=seed), output_type="np"
+    ).images[0]
 
 
 def rel_l2(a, b) -> float:

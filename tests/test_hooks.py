@@ -15,10 +15,12 @@ def _originals():
 
 
 def test_import_touches_no_backend_library_and_no_gpu():
-    code = ("import sys, diffusers_quant; "
-            "bad = [m for m in ('bitsandbytes', 'optimum.quanto', 'gguf', 'nncf', 'diffusers', 'torch.cuda') "
-            "if m in sys.modules and m != 'torch.cuda']; "
-            "import torch; assert not torch.cuda.is_initialized(); print(bad)")
+    code = (
+        "import sys, diffusers_quant; "
+        "bad = [m for m in ('bitsandbytes', 'optimum.quanto', 'gguf', 'nncf', 'diffusers', 'torch.cuda') "
+        "if m in sys.modules and m != 'torch.cuda']; "
+        "import torch; assert not torch.cuda.is_initialized(); print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -81,7 +83,9 @@ def test_per_call_plan_beats_ambient_plan(flux_path):
     from diffusers import FluxTransformer2DModel
 
     diffusers_quant.install("transformer=bnb:nf4")
-    model = FluxTransformer2DModel.from_pretrained(flux_path / "transformer", quant="transformer=quanto:qint8")
+    model = FluxTransformer2DModel.from_pretrained(
+        flux_path / "transformer", quant="transformer=quanto:qint8"
+    )
     assert model.quant_report["transformer"].spec == "quanto:qint8"
 
 
@@ -98,8 +102,11 @@ def test_pattern_matching_nothing_lists_components(flux_path):
     from diffusers import DiffusionPipeline
 
     diffusers_quant.install()
-    with pytest.raises(PlanRefused, match=r"'transfomer' match no component; this pipeline has: .*"
-                                          r"text_encoder_2 \(text_encoder\), transformer \(transformer\)"):
+    with pytest.raises(
+        PlanRefused,
+        match=r"'transfomer' match no component; this pipeline has: .*"
+        r"text_encoder_2 \(text_encoder\), transformer \(transformer\)",
+    ):
         DiffusionPipeline.from_pretrained(flux_path, quant="transfomer=bnb:nf4")
 
 
@@ -126,8 +133,12 @@ def test_device_that_is_not_there_is_refused(flux_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     diffusers_quant.install()
-    with pytest.raises(PlanRefused, match=r"device=cuda was asked for but no CUDA device is available; fix: use device=cpu"):
-        FluxTransformer2DModel.from_pretrained(flux_path / "transformer", quant="transformer=bnb:nf4;device=cuda")
+    with pytest.raises(
+        PlanRefused, match=r"device=cuda was asked for but no CUDA device is available; fix: use device=cpu"
+    ):
+        FluxTransformer2DModel.from_pretrained(
+            flux_path / "transformer", quant="transformer=bnb:nf4;device=cuda"
+        )
 
 
 def test_missing_backend_library_names_the_extra(flux_path, monkeypatch):
@@ -147,7 +158,12 @@ def test_on_load_refused_for_bin_weights(tmp_path, flux_path):
     plain = FluxTransformer2DModel.from_pretrained(flux_path / "transformer")
     plain.save_pretrained(tmp_path / "transformer", safe_serialization=False)
     diffusers_quant.install()
-    with pytest.raises(QuantError, match=r"mode=on-load needs a local folder with safetensors weights.*fix: use mode=post-load"):
-        FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", quant="transformer=bnb:nf4;mode=on-load")
+    with pytest.raises(
+        QuantError,
+        match=r"mode=on-load needs a local folder with safetensors weights.*fix: use mode=post-load",
+    ):
+        FluxTransformer2DModel.from_pretrained(
+            tmp_path / "transformer", quant="transformer=bnb:nf4;mode=on-load"
+        )
     auto = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", quant="transformer=bnb:nf4")
     assert auto.quant_report["transformer"].mode == "post-load"

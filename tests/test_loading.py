@@ -9,10 +9,10 @@ from diffusers_quant.backends import all_backends, get_backend
 from diffusers_quant.components import select_linears
 from diffusers_quant.spec import Spec
 
-SPECS = [Spec(b.name, q) for b in all_backends() if b.name in ("bnb", "quanto") for q in b.qtypes]
+SPECS = [Spec(b.name, q) for b in all_backends() if b.name in ("bnb", "quanto", "nncf") for q in b.qtypes]
 MODES = ["on-load", "post-load"]
 # Quantized layer types, by backend: what must replace nn.Linear.
-LAYER_TYPES = {"bnb": ("Linear4bit", "Linear8bitLt"), "quanto": ("QLinear",)}
+LAYER_TYPES = {"bnb": ("Linear4bit", "Linear8bitLt"), "quanto": ("QLinear",), "nncf": ("NNCFLinear",)}
 
 
 def _param_bytes(model):
@@ -90,15 +90,28 @@ def test_on_load_and_post_load_give_the_same_weights(spec, flux_path):
 # Image rel-L2 vs the unquantized pipeline (bf16), measured on the demo; bounds carry a margin.
 # Measured on 2 CPU cores (flux / sd): nf4 .006/.033, fp4 .007/.039, int8 .004/.015, qint8 .004/.012,
 # qfloat8 .004/.015, qint4 .007/.025, qint2 .015/.10.
-TOLERANCE = {"nf4": 0.08, "fp4": 0.1, "int8": 0.04, "qint8": 0.04, "qfloat8": 0.05, "qint4": 0.07, "qint2": 0.25}
+TOLERANCE = {
+    "int8_sym": 0.04,
+    "int4": 0.07,
+    "int4_sym": 0.07,
+    "nf4": 0.08,
+    "fp4": 0.1,
+    "int8": 0.04,
+    "qint8": 0.04,
+    "qfloat8": 0.05,
+    "qint4": 0.07,
+    "qint2": 0.25,
+}
 
 
 @pytest.fixture(scope="module")
 def reference_images(flux_path, sd_path):
     from diffusers import DiffusionPipeline
 
-    return {name: generate(DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16))
-            for name, path in (("flux", flux_path), ("sd", sd_path))}
+    return {
+        name: generate(DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16))
+        for name, path in (("flux", flux_path), ("sd", sd_path))
+    }
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -107,7 +120,11 @@ def test_generation_flux_within_tolerance(spec, flux_path, reference_images):
 
     diffusers_quant.install(f"transformer={spec},text_encoder*={spec}")
     pipe = FluxPipeline.from_pretrained(flux_path, dtype=torch.bfloat16)
-    assert {r.name for r in pipe.quant_report.components if r.spec} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert {r.name for r in pipe.quant_report.components if r.spec} == {
+        "transformer",
+        "text_encoder",
+        "text_encoder_2",
+    }
     image = generate(pipe)
     assert image.shape == (64, 64, 3)
     err = rel_l2(image, reference_images["flux"])

@@ -25,20 +25,35 @@ def test_every_refusal_has_reason_and_fix():
         assert rule.allowed or (rule.reason and rule.fix), rule
 
 
-@pytest.mark.parametrize("spec,offload,fragment", [
-    (Spec("bnb", "nf4"), "sequential", "Blockwise quantization only supports 16/32-bit floats"),
-    (Spec("quanto", "qint8"), "sequential", "QBytesTensor.__new__() missing 5 required positional arguments"),
-    (Spec("quanto", "qint4"), "balanced", "Expected all tensors to be on the same device"),
-])
+@pytest.mark.parametrize(
+    "spec,offload,fragment",
+    [
+        (Spec("bnb", "nf4"), "sequential", "Blockwise quantization only supports 16/32-bit floats"),
+        (
+            Spec("quanto", "qint8"),
+            "sequential",
+            "QBytesTensor.__new__() missing 5 required positional arguments",
+        ),
+        (Spec("quanto", "qint4"), "balanced", "Expected all tensors to be on the same device"),
+    ],
+)
 def test_known_field_failures_are_refused_with_their_symptom(spec, offload, fragment):
     v = verdict(spec, "transformer", offload, "cuda")
     assert not v.allowed and fragment in v.reason and v.fix
 
 
 def test_checker_reports_all_problems_at_once():
-    plan = Plan.parse("transformer=bnb:nf4,vae=quanto:qint8,text_encoder=quanto:qint4;offload=sequential;device=cpu")
-    found = problems(plan, [Component("transformer", "transformer"), Component("vae", "vae"),
-                            Component("text_encoder", "text_encoder")])
+    plan = Plan.parse(
+        "transformer=bnb:nf4,vae=quanto:qint8,text_encoder=quanto:qint4;offload=sequential;device=cpu"
+    )
+    found = problems(
+        plan,
+        [
+            Component("transformer", "transformer"),
+            Component("vae", "vae"),
+            Component("text_encoder", "text_encoder"),
+        ],
+    )
     assert len(found) == 3
     assert any("vae (vae)" in p and "fix: leave the VAE out" in p for p in found)
     assert all("fix:" in p for p in found)
@@ -64,7 +79,9 @@ def _component_source(kind, flux_path, sd_path, tmp_path_factory):
         folder = sd_path.parent / "demo-controlnet"
         if not folder.exists():
             unet = UNet2DConditionModel.from_pretrained(sd_path / "unet")
-            ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(folder)
+            ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).save_pretrained(
+                folder
+            )
         return ControlNetModel, folder
     raise AssertionError(f"no test component for kind {kind}")
 
@@ -94,8 +111,11 @@ def test_every_allowed_cuda_cell_runs(spec, kind, offload, flux_path, sd_path, t
     path = sd_path if kind == "unet" else flux_path
     pattern = "text_encoder*" if kind == "text_encoder" else kind
     diffusers_quant.install()
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16,
-                                             quant=f"{pattern}={spec};offload={offload};device=cuda")
+    # A tiny GPU budget forces a balanced map to really split the component between GPU and CPU.
+    budget = ";gpu_memory=0.003" if offload == "balanced" else ""
+    pipe = DiffusionPipeline.from_pretrained(
+        path, dtype=torch.bfloat16, quant=f"{pattern}={spec};offload={offload};device=cuda{budget}"
+    )
     image = generate(pipe)
     assert image.shape == (64, 64, 3)
     assert torch.cuda.max_memory_allocated() > 0

@@ -5,8 +5,16 @@ import pytest
 from diffusers_quant import Plan, Spec, SpecError
 
 
-@pytest.mark.parametrize("text", ["bnb:nf4", "bnb:int8?threshold=0", "quanto:qint4?exclude=*proj_out*|*norm*",
-                                  "quanto:qfloat8", "bnb:fp4?blocksize=128&double_quant=false"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "bnb:nf4",
+        "bnb:int8?threshold=0",
+        "quanto:qint4?exclude=*proj_out*|*norm*",
+        "quanto:qfloat8",
+        "bnb:fp4?blocksize=128&double_quant=false",
+    ],
+)
 def test_spec_round_trips_through_string_and_json(text):
     spec = Spec.parse(text)
     assert Spec.parse(str(spec)) == spec
@@ -27,7 +35,9 @@ def test_unknown_backend_lists_valid_ones():
 
 
 def test_unknown_qtype_lists_the_backends_qtypes():
-    with pytest.raises(SpecError, match=r"unknown qtype 'nf3' for backend 'bnb'; expected one of fp4, int8, nf4"):
+    with pytest.raises(
+        SpecError, match=r"unknown qtype 'nf3' for backend 'bnb'; expected one of fp4, int8, nf4"
+    ):
         Spec.parse("bnb:nf3")
     with pytest.raises(SpecError, match=r"qfloat8, qint2, qint4, qint8"):
         Spec.parse("quanto:int3")
@@ -41,7 +51,9 @@ def test_unknown_option_and_malformed_spec():
 
 
 def test_plan_parses_entries_and_settings_and_round_trips():
-    plan = Plan.parse("transformer=bnb:nf4,text_encoder_2=quanto:qint8,vae=none;mode=on-load;offload=model;dtype=bf16")
+    plan = Plan.parse(
+        "transformer=bnb:nf4,text_encoder_2=quanto:qint8,vae=none;mode=on-load;offload=model;dtype=bf16"
+    )
     assert plan.mode == "on-load" and plan.offload == "model" and plan.dtype == "bfloat16"
     assert plan.spec_for("transformer", "transformer") == Spec("bnb", "nf4")
     assert plan.spec_for("text_encoder_2", "text_encoder") == Spec("quanto", "qint8")
@@ -65,12 +77,18 @@ def test_plan_patterns_kinds_and_groups():
     assert first.spec_for("text_encoder", "text_encoder") == Spec("bnb", "nf4")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("transformer", r"bad plan item 'transformer'; expected 'component=backend:qtype'"),
-    ("transformer=bnb:nf4;mode=fast", r"unknown mode 'fast'; expected one of auto, on-load, post-load"),
-    ("transformer=bnb:nf4;offload=disk", r"unknown offload 'disk'; expected one of balanced, group, model, none"),
-    ("transformer=bnb:nf4;dtype=fp8", r"unknown dtype 'fp8'; expected one of bfloat16, float16, float32"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("transformer", r"bad plan item 'transformer'; expected 'component=backend:qtype'"),
+        ("transformer=bnb:nf4;mode=fast", r"unknown mode 'fast'; expected one of auto, on-load, post-load"),
+        (
+            "transformer=bnb:nf4;offload=disk",
+            r"unknown offload 'disk'; expected one of balanced, group, model, none",
+        ),
+        ("transformer=bnb:nf4;dtype=fp8", r"unknown dtype 'fp8'; expected one of bfloat16, float16, float32"),
+    ],
+)
 def test_bad_plans_name_the_choices(text, message):
     with pytest.raises(SpecError, match=message):
         Plan.parse(text)

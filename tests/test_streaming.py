@@ -32,9 +32,16 @@ def wide_transformer(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("wide") / "transformer"
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=3, attention_head_dim=128,
-                                   num_attention_heads=6, joint_attention_dim=768, pooled_projection_dim=256,
-                                   axes_dims_rope=(16, 56, 56)).to(torch.bfloat16)
+    model = FluxTransformer2DModel(
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=3,
+        attention_head_dim=128,
+        num_attention_heads=6,
+        joint_attention_dim=768,
+        pooled_projection_dim=256,
+        axes_dims_rope=(16, 56, 56),
+    ).to(torch.bfloat16)
     model.save_pretrained(folder)
     return folder
 
@@ -43,8 +50,9 @@ def _run(folder, plan):
     # A fixed mmap threshold stops glibc from keeping freed tensor memory in its heap, so RssAnon
     # follows the live tensors rather than the allocator's history.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", DIFFUSERS_QUANT_PROGRESS="0")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), plan], capture_output=True, text=True,
-                         env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folder), plan], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

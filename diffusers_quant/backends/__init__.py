@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import SpecError, choices
 from .base import Backend
 from .bnb import BnbBackend
+from .nncf import NncfBackend
 from .quanto import QuantoBackend
 
 _REGISTRY: dict[str, Backend] = {}
@@ -32,5 +33,6 @@ def all_backends() -> tuple[Backend, ...]:
 
 register(BnbBackend())
 register(QuantoBackend())
+register(NncfBackend())
 
 __all__ = ["Backend", "all_backends", "backend_names", "get_backend", "register"]

@@ -33,6 +33,8 @@ class Backend:
     qtypes: ClassVar[tuple[str, ...]]
     options: ClassVar[dict[str, str]] = {}
     aliases: ClassVar[dict[str, str]] = {}
+    # Whether quantized layers can be saved and loaded back without requantizing (layer_config/empty_layer).
+    saves: ClassVar[bool] = False
 
     def is_available(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
@@ -63,8 +65,20 @@ class Backend:
         """Shape constraints of the backend's kernels; layers that fail stay in full precision."""
         return True
 
-    def quantize_linear(self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype) -> torch.nn.Module:
+    def quantize_linear(
+        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+    ) -> torch.nn.Module:
         """Return a quantized replacement for ``linear`` on the device its weight is on."""
+        raise NotImplementedError
+
+    def layer_config(self, module: torch.nn.Module) -> dict | None:
+        """JSON description of a quantized layer of this backend (None if ``module`` is not one)."""
+        return None
+
+    def empty_layer(
+        self, config: dict, dtype: torch.dtype, compute_dtype: torch.dtype | None
+    ) -> torch.nn.Module:
+        """An uninitialised layer on the meta device that a saved state dict is assigned into."""
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -50,7 +50,9 @@ class BnbBackend(Backend):
         scale_bytes = 1.0 if _flag(spec, "double_quant", True) else 4.0
         return 0.5 + scale_bytes / blocksize
 
-    def quantize_linear(self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype) -> torch.nn.Module:
+    def quantize_linear(
+        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+    ) -> torch.nn.Module:
         self.require()
         import bitsandbytes as bnb
         import torch
@@ -63,8 +65,12 @@ class BnbBackend(Backend):
         if spec.qtype == "int8":
             threshold = float(spec.option("threshold", "6.0"))
             layer = bnb.nn.Linear8bitLt(
-                linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
-                threshold=threshold, device="meta",
+                linear.in_features,
+                linear.out_features,
+                bias=has_bias,
+                has_fp16_weights=False,
+                threshold=threshold,
+                device="meta",
             )
             layer.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
         else:
@@ -73,15 +79,23 @@ class BnbBackend(Backend):
             double_quant = _flag(spec, "double_quant", True)
             blocksize = int(spec.option("blocksize", "64"))
             layer = bnb.nn.Linear4bit(
-                linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                compress_statistics=double_quant, quant_type=spec.qtype, device="meta",
+                linear.in_features,
+                linear.out_features,
+                bias=has_bias,
+                compute_dtype=compute_dtype,
+                compress_statistics=double_quant,
+                quant_type=spec.qtype,
+                device="meta",
             )
             # bitsandbytes quantizes only 16/32-bit floats; upcast anything else first.
             if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 weight = weight.to(torch.float32)
             layer.weight = bnb.nn.Params4bit(
-                weight.contiguous(), requires_grad=False, quant_type=spec.qtype,
-                compress_statistics=double_quant, blocksize=blocksize,
+                weight.contiguous(),
+                requires_grad=False,
+                quant_type=spec.qtype,
+                compress_statistics=double_quant,
+                blocksize=blocksize,
             )
         if has_bias:
             layer.bias = torch.nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)

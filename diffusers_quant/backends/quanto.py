@@ -45,7 +45,9 @@ class QuantoBackend(Backend):
         # Grouped 2/4-bit weights need whole groups along the input features.
         return _BITS[spec.qtype] == 8 or linear.in_features % _GROUP == 0
 
-    def quantize_linear(self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype) -> torch.nn.Module:
+    def quantize_linear(
+        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+    ) -> torch.nn.Module:
         self.require()
         from optimum import quanto
 

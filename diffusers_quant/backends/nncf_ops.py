@@ -1,0 +1,384 @@
+"""Data-free, per-Linear NNCF weight compression.
+
+``nncf.compress_weights`` on a whole PyTorch model needs an example input for tracing and installs its
+decompressors in a hook storage at the model root, which breaks accelerate device maps and offloading.
+Here each ``nn.Linear`` is replaced by an :class:`NNCFLinear` that owns its packed weight, scale and zero
+point, so a layer and its decompression state always sit on the same device.
+
+The quantization math is NNCF's own: scales, zero points and integer weights come from
+``nncf.quantization.algorithms.weight_compression.weight_lowering.compress_weight`` run on an
+``nncf.Tensor`` wrapping the torch weight (no dataset, no tracing, no NNCFNetwork). Storage layout and
+decompression replicate ``nncf.torch.quantization.layers.INT{8,4}{Asymmetric,Symmetric}WeightsDecompressor``
+bit for bit: float16 scale, ``(q - zero_point) * scale`` evaluated in float16, int4 values packed two per
+byte with element ``2k`` in the low nibble. NNCF's classes are not held directly because their float16
+scale is a floating buffer that ``Module.to(dtype)`` and dtype-casting loaders silently rewrite, their int4
+packer rejects an odd number of zero points, and buffers are not offloaded by accelerate's ``cpu_offload``
+(diffusers' sequential offload), so the packed weight would stay on the GPU.
+
+nncf is imported lazily: only :func:`compress_linear` needs it. Restoring and running a saved layer
+(:meth:`NNCFLinear.empty` + ``load_state_dict``) works without nncf installed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "NNCF_QTYPES",
+    "NNCFLinear",
+    "bytes_per_param",
+    "compress_linear",
+    "packed_nbytes",
+    "resolve_group_size",
+]
+
+logger = logging.getLogger(__name__)
+
+NNCF_QTYPES = ("int8", "int8_sym", "int4", "int4_sym")
+
+# qtype -> nncf.CompressWeightsMode member name
+_NNCF_MODES = {"int8": "INT8_ASYM", "int8_sym": "INT8_SYM", "int4": "INT4_ASYM", "int4_sym": "INT4_SYM"}
+_BITS = {"int8": 8, "int8_sym": 8, "int4": 4, "int4_sym": 4}
+# NNCF's default backup mode (BackupMode.INT8_ASYM) for layers no int4 group size fits.
+_BACKUP_QTYPE = "int8"
+
+
+def _check_qtype(qtype: str) -> None:
+    if qtype not in NNCF_QTYPES:
+        raise ValueError(f"Unknown NNCF qtype {qtype!r}; expected one of {NNCF_QTYPES}")
+
+
+def _is_asym(qtype: str) -> bool:
+    return not qtype.endswith("_sym")
+
+
+def resolve_group_size(
+    in_features: int, qtype: str, group_size: int = 64, *, min_adjusted_group_size: int = 32
+) -> tuple[str, int]:
+    """Return the ``(qtype, group_size)`` actually used for a Linear with ``in_features`` inputs.
+
+    Mirrors NNCF's ``GroupSizeFallbackMode.ADJUST`` (nncf 3.x ``WeightCompression._handle_adjust_group_size_fallback``):
+
+    * int8 / int8_sym are always per output channel; ``group_size`` is ignored and ``-1`` is returned.
+    * int4 / int4_sym with ``group_size == -1``: per output channel (one group spanning ``in_features``).
+    * int4 / int4_sym with ``in_features % group_size == 0``: ``group_size`` as given.
+    * otherwise the group size becomes the largest power of two dividing ``in_features``
+      (``in_features & -in_features``) if that is ``>= min_adjusted_group_size`` (NNCF's default 32);
+    * if even that fails, the layer falls back to NNCF's backup precision, asymmetric per-channel int8:
+      ``("int8", -1)``.
+
+    Examples with ``group_size=64``: 3072 -> 64, 96 -> 32, 80 -> int8 per channel (16 < 32), 40 -> int8.
+    """
+    _check_qtype(qtype)
+    if group_size == 0 or group_size < -1:
+        raise ValueError(f"group_size must be a positive integer or -1, got {group_size}")
+    if _BITS[qtype] == 8 or group_size == -1:
+        return qtype, -1
+    if in_features % group_size == 0:
+        return qtype, group_size
+    adjusted = in_features & -in_features
+    if adjusted >= min_adjusted_group_size:
+        return qtype, adjusted
+    return _BACKUP_QTYPE, -1
+
+
+def bytes_per_param(qtype: str, group_size: int = 64, in_features: int | None = None) -> float:
+    """Storage bytes per weight element of a compressed Linear, for memory planning.
+
+    Counts the packed weight, the float16 scales and the zero points (asymmetric modes); the bias is not
+    included. int8 modes are per output channel, so their per-row overhead (3 bytes asymmetric, 2 symmetric)
+    is only added when ``in_features`` is given. For int4, ``group_size=-1`` (per channel) needs
+    ``in_features``; when ``in_features`` is given the same fallback as :func:`compress_linear` is applied
+    (see :func:`resolve_group_size`). One padding nibble for odd element counts is ignored.
+    """
+    _check_qtype(qtype)
+    if in_features is not None:
+        qtype, group_size = resolve_group_size(in_features, qtype, group_size)
+    bits = _BITS[qtype]
+    if bits == 8 or group_size == -1:
+        if in_features is None:
+            if bits == 4:
+                raise ValueError("per-channel int4 (group_size=-1) needs in_features")
+            return 1.0
+        group = in_features
+    else:
+        group = group_size
+    zero_point_bytes = (bits / 8) if _is_asym(qtype) else 0.0
+    return bits / 8 + (2.0 + zero_point_bytes) / group
+
+
+def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 values in [0, 15] into a flat uint8 tensor, two per byte.
+
+    Same layout as NNCF's ``pack_uint4`` (element 2k -> low nibble, 2k+1 -> high nibble, row-major over the
+    flattened tensor); an odd count gets one zero padding nibble, which NNCF's packer cannot handle.
+    """
+    flat = values.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.reshape(-1, 2)
+    return torch.bitwise_and(pairs[:, 0], 15) | (pairs[:, 1] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_nibbles`: flat uint8 values in [0, 15], padding dropped."""
+    values = torch.stack((torch.bitwise_and(packed, 15), torch.bitwise_right_shift(packed, 4)), dim=-1)
+    return values.reshape(-1)[:numel]
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class NNCFLinear(nn.Module):
+    """A Linear layer whose weight is stored NNCF-compressed and decompressed on every forward.
+
+    State (all ``nn.Parameter`` with ``requires_grad=False`` so accelerate offloads and places them like
+    ordinary weights; the compressed pieces are integer-typed so ``Module.to(dtype)`` and dtype-casting
+    loaders leave them alone):
+
+    * ``weight``: int8 modes ``[out, in]`` (uint8 asymmetric, int8 symmetric); int4 modes a flat uint8
+      tensor of ``ceil(out * in / 2)`` bytes, two 4-bit values per byte (symmetric values stored offset by 8).
+    * ``scale``: ``[out, n_groups]`` int16 holding the raw bits of NNCF's float16 scale.
+    * ``zero_point`` (asymmetric only): int8 ``[out, 1]`` uint8; int4 flat uint8, two per byte.
+    * ``bias``: floating ``[out]`` or ``None``; follows the model dtype.
+
+    ``group_size`` is the effective one: ``-1`` means per output channel (``n_groups == 1``). Use
+    :func:`compress_linear` to build one from an ``nn.Linear``, or :meth:`empty` + ``load_state_dict`` to
+    restore a saved one.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        qtype: str = "int8",
+        group_size: int = -1,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_qtype(qtype)
+        if group_size != -1 and (group_size <= 0 or in_features % group_size):
+            raise ValueError(f"group_size {group_size} must be -1 or divide in_features={in_features}")
+        if _BITS[qtype] == 8 and group_size != -1:
+            raise ValueError("int8 modes are per output channel; group_size must be -1")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.qtype = qtype
+        self.group_size = group_size
+        self.compute_dtype = compute_dtype
+        n_groups = 1 if group_size == -1 else in_features // group_size
+        asym = _is_asym(qtype)
+
+        if _BITS[qtype] == 8:
+            weight = torch.empty(
+                out_features, in_features, dtype=torch.uint8 if asym else torch.int8, device=device
+            )
+            zero_point = torch.empty(out_features, 1, dtype=torch.uint8, device=device) if asym else None
+        else:
+            weight = torch.empty((out_features * in_features + 1) // 2, dtype=torch.uint8, device=device)
+            zero_point = (
+                torch.empty((out_features * n_groups + 1) // 2, dtype=torch.uint8, device=device)
+                if asym
+                else None
+            )
+        self.weight = _frozen(weight)
+        self.scale = _frozen(torch.empty(out_features, n_groups, dtype=torch.int16, device=device))
+        self.register_parameter("zero_point", _frozen(zero_point) if zero_point is not None else None)
+        bias_param = _frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.register_parameter("bias", bias_param)
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        qtype: str,
+        group_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "meta",
+        compute_dtype: torch.dtype | None = None,
+    ) -> NNCFLinear:
+        """Uninitialised layer to ``load_state_dict`` a saved one into (no recompression).
+
+        ``group_size`` must be the effective one recorded in :attr:`layer_config`. On the meta device call
+        ``load_state_dict(sd, assign=True)``; copying into meta tensors is a no-op.
+        """
+        return cls(
+            in_features,
+            out_features,
+            bias,
+            qtype,
+            group_size,
+            dtype=dtype,
+            device=device,
+            compute_dtype=compute_dtype,
+        )
+
+    @property
+    def layer_config(self) -> dict[str, object]:
+        """JSON-serialisable arguments that, with a dtype and device, rebuild this layer via :meth:`empty`."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "qtype": self.qtype,
+            "group_size": self.group_size,
+        }
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[1]
+
+    def _integer_weight(self) -> torch.Tensor:
+        """Quantized values as ``[out, n_groups, group]`` (uint8 asymmetric, int8 symmetric)."""
+        shape = (self.out_features, self.n_groups, self.in_features // self.n_groups)
+        if _BITS[self.qtype] == 8:
+            return self.weight.reshape(shape)
+        values = _unpack_nibbles(self.weight, self.out_features * self.in_features).reshape(shape)
+        # NNCF's unpack_int4: symmetric int4 is stored offset by 8.
+        return values if _is_asym(self.qtype) else values.to(torch.int8) - 8
+
+    def _zero_point(self) -> torch.Tensor:
+        if _BITS[self.qtype] == 8:
+            return self.zero_point.reshape(self.out_features, 1, 1)
+        return _unpack_nibbles(self.zero_point, self.out_features * self.n_groups).reshape(
+            self.out_features, self.n_groups, 1
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decompressed ``[out, in]`` weight, computed exactly as NNCF's decompressors do (float16 math)."""
+        scale = self.scale.view(torch.float16).unsqueeze(-1)
+        weight = self._integer_weight().to(torch.float16)
+        if self.zero_point is not None:
+            weight = weight - self._zero_point().to(torch.float16)
+        weight = weight * scale
+        return weight.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        out = F.linear(x.to(dtype), self.dequantize(dtype), bias)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"qtype={self.qtype}, group_size={self.group_size}"
+        )
+
+
+def _nncf_compress(
+    weight: torch.Tensor, qtype: str, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """NNCF's own data-free compression of a ``[out, in]`` weight, on the weight's device.
+
+    Returns the integer weight, float32 scale and int32 zero point (``None`` if symmetric) as torch tensors.
+    """
+    from nncf.parameters import CompressWeightsMode
+    from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
+    from nncf.quantization.algorithms.weight_compression.weight_lowering import compress_weight
+    from nncf.tensor import Tensor
+
+    config = WeightCompressionConfig(mode=CompressWeightsMode[_NNCF_MODES[qtype]], group_size=group_size)
+    # Reduction axis 1 = in_features, as nncf.torch.model_graph_manager uses for PTLinearMetatype.
+    compressed = compress_weight(Tensor(weight), reduction_axes=(1,), config=config)
+    zero_point = compressed.zero_point.data if compressed.zero_point is not None else None
+    return compressed.tensor.data, compressed.scale.data, zero_point
+
+
+def compress_linear(
+    linear: nn.Linear,
+    qtype: str,
+    *,
+    group_size: int = 64,
+    compute_dtype: torch.dtype | None = None,
+    min_adjusted_group_size: int = 32,
+) -> NNCFLinear:
+    """Compress one ``nn.Linear`` with NNCF's weight-lowering math, without a dataset or tracing.
+
+    Runs on the weight's device (a CUDA weight is compressed on CUDA) and returns a new :class:`NNCFLinear`
+    on that device; ``linear`` is not modified. The result equals what
+    ``nncf.compress_weights(model, mode=..., group_size=..., ratio=1.0, all_layers=True, dataset=...)``
+    produces for that layer: same integer weights, float16 scales, zero points and outputs.
+
+    ``qtype``: ``int8`` (asymmetric, per output channel), ``int8_sym``, ``int4`` (asymmetric, grouped),
+    ``int4_sym``. ``group_size`` applies to int4 only; ``-1`` means per output channel.
+
+    Group size fallback (NNCF's ``GroupSizeFallbackMode.ADJUST``, see :func:`resolve_group_size`): if
+    ``in_features`` is not divisible by ``group_size``, the largest power of two dividing ``in_features`` is
+    used when it is ``>= min_adjusted_group_size``; otherwise the layer is compressed to NNCF's backup
+    precision, asymmetric per-channel int8. The returned layer's ``qtype`` / ``group_size`` say what was used.
+
+    ``compute_dtype``: dtype the forward decompresses to and multiplies in (input cast to it, output cast
+    back); default is the input's dtype.
+    """
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"compress_linear expects nn.Linear, got {type(linear).__name__}")
+    weight = linear.weight.detach()
+    if weight.is_meta:
+        raise ValueError("cannot compress a weight on the meta device; materialise it first")
+    eff_qtype, eff_group_size = resolve_group_size(
+        linear.in_features, qtype, group_size, min_adjusted_group_size=min_adjusted_group_size
+    )
+    if eff_qtype != qtype or (_BITS[qtype] == 4 and eff_group_size != group_size):
+        logger.debug(
+            "NNCF %s group_size=%s does not fit in_features=%d; using %s group_size=%d",
+            qtype,
+            group_size,
+            linear.in_features,
+            eff_qtype,
+            eff_group_size,
+        )
+
+    with torch.no_grad():
+        q, scale, zero_point = _nncf_compress(weight, eff_qtype, eff_group_size)
+        bias = linear.bias
+        layer = NNCFLinear(
+            linear.in_features,
+            linear.out_features,
+            bias is not None,
+            eff_qtype,
+            eff_group_size,
+            dtype=bias.dtype if bias is not None else weight.dtype,
+            device=weight.device,
+            compute_dtype=compute_dtype,
+        )
+        if _BITS[eff_qtype] == 8:
+            layer.weight.copy_(q.reshape(layer.weight.shape))
+        else:
+            # Symmetric int4 is packed offset by 8 (NNCF's pack_int4).
+            nibbles = q.to(torch.uint8) if _is_asym(eff_qtype) else (q + 8).to(torch.uint8)
+            layer.weight.copy_(_pack_nibbles(nibbles))
+        # NNCF's decompressors keep the scale in float16; store its bits so dtype casts can't touch it.
+        layer.scale.copy_(scale.to(torch.float16).reshape(layer.scale.shape).view(torch.int16))
+        if zero_point is not None:
+            zero_point = zero_point.to(torch.uint8)
+            if _BITS[eff_qtype] == 4:
+                zero_point = _pack_nibbles(zero_point)
+            layer.zero_point.copy_(zero_point.reshape(layer.zero_point.shape))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+    return layer
+
+
+def packed_nbytes(module: nn.Module) -> int:
+    """Bytes of compressed weight state (packed weight + scales + zero points) of every NNCFLinear in
+    ``module`` (itself included). Biases are not counted; they are stored uncompressed.
+    """
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, NNCFLinear):
+            for t in (sub.weight, sub.scale, sub.zero_point):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+    return total
