@@ -1,4 +1,4 @@
-"""``diffusers-quant`` command line: generate | check | run."""
+"""``diffusers-quant`` command line: generate | check | quantize | inspect | run."""
 
 from __future__ import annotations
 
@@ -112,6 +112,117 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _component_folder(path: str, component: str | None) -> tuple[str, str]:
+    """(folder of the model to quantize, component name) from a pipeline folder or a model folder."""
+    import json
+
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+        names = [n for n in ("transformer", "unet") if isinstance(index.get(n), list)]
+        component = component or (names[0] if names else None)
+        if not component or not os.path.isdir(os.path.join(path, component)):
+            raise QuantError(f"{path}: no component {component!r}; fix: --component one of "
+                             f"{', '.join(k for k, v in index.items() if isinstance(v, list))}")
+        return os.path.join(path, component), component
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, component or os.path.basename(os.path.normpath(path))
+    raise QuantError(f"{path!r} is neither a pipeline folder (model_index.json) nor a model folder (config.json)")
+
+
+def _model_class(folder: str):
+    import json
+
+    import diffusers
+    import transformers
+
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    cls = getattr(diffusers, name or "", None) or getattr(transformers, name or "", None)
+    if cls is None:
+        raise QuantError(f"{folder}: config names class {name!r}, which diffusers/transformers do not have")
+    return cls
+
+
+def cmd_quantize(args) -> int:
+    """Quantize one component and write it: a .gguf file for gguf specs, else a saved folder."""
+    import torch
+
+    from .spec import Spec
+
+    spec = Spec.parse(args.quant)
+    if not os.path.exists(args.model):
+        raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
+    folder, name = _component_folder(args.model, args.component)
+    cls = _model_class(folder)
+    from .components import kind_of_class
+
+    kind = kind_of_class(cls)
+    if spec.backend == "gguf":
+        from .backends import get_backend
+        from .backends.gguf import portable_config
+        from .backends.gguf.writer import write_gguf
+        from .components import DEFAULT_EXCLUDE, Component, _matches_any
+        from .rules import enforce
+        from .spec import Plan
+
+        enforce(Plan(entries=((name, spec),)), [Component(name, kind)])
+
+        get_backend("gguf").require()
+        model = cls.from_pretrained(folder)
+        keep = DEFAULT_EXCLUDE.get(kind, ())
+        written = write_gguf(args.out, model.state_dict(), spec.qtype.upper(), arch=cls.__name__,
+                             config=portable_config(model.config), keep_full_precision=lambda key, _t: _matches_any(
+                                 key.rpartition(".")[0], keep))
+        counts: dict[str, int] = {}
+        for t in written.values():
+            counts[t] = counts.get(t, 0) + 1
+        print(f"wrote {args.out}: {len(written)} tensors ({', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))})")
+        return 0
+    from . import install, save_quantized
+    from .spec import Plan
+
+    install()
+    plan = Plan(entries=((name, spec),), mode="auto")
+    model = cls.from_pretrained(folder, dtype=getattr(torch, args.dtype or "bfloat16"), quant=plan)
+    print(model.quant_report)
+    print(f"wrote {save_quantized(model, args.out)}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """What a checkpoint is, from its headers: GGUF tensor types and config, or a saved quantized folder."""
+    from .detect import is_gguf_file
+
+    if is_gguf_file(args.path):
+        from .backends.gguf.keys import detect_key_format
+        from .backends.gguf.reader import GGUFError, read_gguf
+
+        try:
+            f = read_gguf(args.path)
+        except GGUFError as exc:
+            raise QuantError(str(exc)) from None
+        counts: dict[str, int] = {}
+        for info in f.tensors:
+            counts[info.type_name] = counts.get(info.type_name, 0) + 1
+        print(f"GGUF v{f.version}: {len(f.tensors)} tensors, {os.path.getsize(args.path) / 2**20:.1f} MiB")
+        print(f"architecture: {f.architecture}; key format: {detect_key_format(f.names())}")
+        print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+        print("embedded config: " + ("yes" if "diffusers_quant.config" in f.metadata else "no (pass config=)"))
+        return 0
+    from .saving import read_quant_metadata
+
+    meta = read_quant_metadata(args.path) if os.path.isdir(args.path) else None
+    if meta:
+        kinds = sorted({f"{e['backend']}:{e['config'].get('qtype')}" for e in meta["layers"].values()})
+        print(f"saved by diffusers_quant: {len(meta['layers'])} quantized layers ({', '.join(kinds)}), "
+              f"dtype {meta['dtype']}")
+        return 0
+    print(f"{args.path}: no pre-quantized format recognised (plain checkpoint)")
+    return 0
+
+
 def _add_plan_args(p: argparse.ArgumentParser, default_quant: str | None = DEFAULT_QUANT) -> None:
     p.add_argument(
         "--quant",
@@ -150,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--model")
     chk.add_argument("--demo", choices=("flux", "sd"), default="flux")
     chk.set_defaults(func=cmd_check)
+
+    qnt = sub.add_parser("quantize", help="quantize a component and write it (.gguf, or a saved folder)")
+    qnt.add_argument("model", help="pipeline folder or model folder")
+    qnt.add_argument("--quant", required=True, help="one spec, e.g. gguf:q8_0 or nncf:int8")
+    qnt.add_argument("--out", required=True, help="file.gguf for gguf specs, else a new folder")
+    qnt.add_argument("--component", help="which component of a pipeline folder (default: transformer or unet)")
+    qnt.add_argument("--dtype", default=None)
+    qnt.set_defaults(func=cmd_quantize)
+
+    ins = sub.add_parser("inspect", help="say what a checkpoint is, reading only its headers")
+    ins.add_argument("path")
+    ins.set_defaults(func=cmd_inspect)
 
     run = sub.add_parser("run", help="run a diffusers app with the hooks installed")
     _add_plan_args(run, default_quant=None)

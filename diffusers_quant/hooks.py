@@ -24,8 +24,17 @@ from contextlib import contextmanager
 import torch
 
 from .components import Component, kind_of_class
+from .detect import is_gguf_file
 from .errors import QuantError
-from .loading import ACTIVE_PIPELINE, PipelineLoad, component_report, load_model, load_quantized
+from .loading import (
+    ACTIVE_PIPELINE,
+    PipelineLoad,
+    component_name,
+    component_report,
+    load_gguf,
+    load_model,
+    load_quantized,
+)
 from .offload import place_pipeline
 from .report import Report
 from .rules import enforce
@@ -61,14 +70,21 @@ def _model_from_pretrained(original: Callable, cls: type, pretrained=None, *args
     return load_model(original, cls, pretrained, args, kwargs, plan)
 
 
-def _model_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
-    active = ACTIVE_PIPELINE.get()
-    plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
+def _refuse_on_load_for_single_files(plan: Plan | None) -> None:
     if plan is not None and plan.mode == "on-load":
         raise QuantError(
             "mode=on-load is not supported for single-file checkpoints yet (their keys need "
             "conversion first); fix: use mode=post-load or mode=auto"
         )
+
+
+def _model_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    active = ACTIVE_PIPELINE.get()
+    plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
+    if is_gguf_file(pretrained):  # recognised from its bytes: loaded packed, whatever the plan says
+        name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
+        return load_gguf(cls, pretrained, kwargs, plan, name, kind, active.report if active else None)
+    _refuse_on_load_for_single_files(plan)
     # Single files always go through the library's converter, then get quantized module by module.
     return load_model(original, cls, pretrained, args, kwargs, plan and plan.with_settings(mode="post-load"))
 
@@ -147,10 +163,12 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
     plan = _call_plan(kwargs) or ambient_plan()
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)
-    if plan.mode == "on-load":
+    _refuse_on_load_for_single_files(plan)
+    if is_gguf_file(pretrained):
         raise QuantError(
-            "mode=on-load is not supported for single-file checkpoints yet (their keys need "
-            "conversion first); fix: use mode=post-load or mode=auto"
+            f"{pretrained}: a GGUF file holds a transformer/UNet, not a whole pipeline; fix: load it with the "
+            "model class (e.g. FluxTransformer2DModel.from_single_file(path, config=...)) and pass it as "
+            "transformer= to the pipeline's from_pretrained"
         )
     enforce(plan, _pipeline_components(cls, None, kwargs), whole_pipeline=True)
     report = Report(plan=str(plan), offload=plan.offload)

@@ -183,6 +183,34 @@ def load_saved(
     return model
 
 
+def load_gguf(cls: type, path, kwargs: dict, plan: Plan | None, name: str, kind: str,
+              report: Report | None, config=None) -> torch.nn.Module:
+    """A GGUF file for this component: checked against the rules, then loaded packed."""
+    from .backends import get_backend
+
+    plan = plan or Plan()
+    spec = Spec("gguf", str(path))
+    enforce(Plan(entries=((name, spec),), offload=plan.offload, device=plan.device), [Component(name, kind)])
+    get_backend("gguf").require()
+    from .backends.gguf.loader import load_gguf_model
+
+    dtype = _load_dtype(cls, kwargs, plan)
+    start = time.perf_counter()
+    loaded = load_gguf_model(cls, path, config=config if config is not None else kwargs.get("config"),
+                             subfolder=kwargs.get("subfolder"), dtype=dtype, device=torch.device(plan.device))
+    model = loaded.model
+    report = report or Report(plan=str(plan))
+    report.add(ComponentReport(
+        name=name, kind=kind, class_name=cls.__name__, spec=f"gguf:{loaded.qtype.lower()}", mode="pre-quantized",
+        bytes_before=loaded.logical_bytes, bytes_after=state_nbytes(model), layers_quantized=sum(
+            type(m).__name__ == "GGUFLinear" for m in model.modules()), linears_total=sum(
+            type(m).__name__ == "GGUFLinear" for m in model.modules()) + count_linears(model),
+        seconds=time.perf_counter() - start, device=plan.device,
+    ))
+    model.quant_report = report
+    return model
+
+
 def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: dict, plan: Plan | None):
     """Body of the model-level hooks (diffusers ModelMixin and transformers PreTrainedModel)."""
     active = ACTIVE_PIPELINE.get()
@@ -203,6 +231,10 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     spec = plan.spec_for(name, kind)
     if spec is None:
         return original(cls, pretrained, *args, **kwargs)
+    if spec.backend == "gguf" and spec.qtype.lower().endswith(".gguf"):
+        # transformer=gguf:/path/file.gguf: the file replaces this component; its folder gives the config.
+        return load_gguf(cls, spec.qtype, kwargs, plan, name, kind, active.report if active else None,
+                         config=folder)
     if active is None:  # a model loaded on its own: check its one component now
         enforce(plan, [Component(name, kind, cls.__name__)])
         report = Report(plan=str(plan), offload=plan.offload)

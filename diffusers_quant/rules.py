@@ -44,6 +44,11 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule(
+        backend="gguf", kind="text_encoder|vae|controlnet",
+        reason="GGUF files (and GGUF quantization) are for the transformer/UNet component only",
+        fix="quantize text encoders with bnb, quanto or nncf",
+    ),
+    Rule(
         kind="vae",
         reason="VAE weights are mostly convolutions and quality-sensitive: quantizing them saves "
         "little memory and shows as artefacts",
@@ -95,6 +100,10 @@ RULES: tuple[Rule, ...] = (
         fix="use offload=model or offload=none for a GGUF transformer",
     ),
     Rule(backend="bnb|quanto|nncf", kind=QUANTIZABLE, offload="none", device="cpu|cuda", allowed=True),
+    Rule(backend="gguf", kind="transformer|unet", offload="none", device="cpu|cuda", allowed=True),
+    # Packed GGUF bytes are plain uint8 parameters: accelerate's hooks move them as they are, and the
+    # GPU tests check they are still packed after the moves (tests/backends/gguf/test_gguf_loading.py).
+    Rule(backend="gguf", kind="transformer|unet", offload="model|sequential", device="cuda", allowed=True),
     Rule(backend="bnb|quanto|nncf", kind=QUANTIZABLE, offload="model", device="cuda", allowed=True),
     Rule(backend="bnb|nncf", kind=QUANTIZABLE, offload="balanced", device="cuda", allowed=True),
     Rule(
@@ -242,7 +251,27 @@ def check_device_name(device: str) -> None:
         raise QuantError(f"unknown device {device!r}; expected one of {choices(DEVICES)}")
 
 
+START, END = "<!-- rules:start -->", "<!-- rules:end -->"
+
+
+def readme_section() -> str:
+    return f"{START}\n{markdown_table()}\n\nRefusals, checked in order (first match decides):\n\n{refusals_markdown()}\n{END}"
+
+
+def update_readme(path: str) -> None:
+    """Replace the generated section of the README (between the markers) with the current table."""
+    with open(path) as f:
+        text = f.read()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    with open(path, "w") as f:
+        f.write(head + readme_section() + tail)
+
+
 if __name__ == "__main__":
-    print(markdown_table())
-    print()
-    print(refusals_markdown())
+    import sys
+
+    if sys.argv[1:2] == ["--update-readme"]:
+        update_readme(sys.argv[2] if len(sys.argv) > 2 else "README.md")
+    else:
+        print(readme_section())

@@ -7,7 +7,7 @@ import torch
 
 import diffusers_quant
 from diffusers_quant.components import Component
-from diffusers_quant.rules import RULES, cells, markdown_table, problems, refusals_markdown, verdict
+from diffusers_quant.rules import RULES, cells, markdown_table, problems, readme_section, refusals_markdown, verdict
 from diffusers_quant.spec import Plan, Spec
 
 ALLOWED_CPU = [(s, k, o) for s, k, o, d, v in cells(devices=("cpu",)) if v.allowed]
@@ -61,8 +61,8 @@ def test_checker_reports_all_problems_at_once():
 
 def test_readme_shows_the_generated_table():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert markdown_table() in readme, "README table is stale: paste `python -m diffusers_quant.rules`"
-    assert refusals_markdown() in readme
+    assert readme_section() in readme, "README table is stale: run `python -m diffusers_quant.rules --update-readme`"
+    assert markdown_table() in readme and refusals_markdown() in readme
 
 
 def _component_source(kind, flux_path, sd_path, tmp_path_factory):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import SpecError, choices
 from .base import Backend
 from .bnb import BnbBackend
+from .gguf import GgufBackend
 from .nncf import NncfBackend
 from .quanto import QuantoBackend
 
@@ -34,5 +35,6 @@ def all_backends() -> tuple[Backend, ...]:
 register(BnbBackend())
 register(QuantoBackend())
 register(NncfBackend())
+register(GgufBackend())
 
 __all__ = ["Backend", "all_backends", "backend_names", "get_backend", "register"]

@@ -1,0 +1,273 @@
+"""Packed GGUF weights in torch: ``GGUFWeight`` (a value object) and ``GGUFLinear`` (a drop-in Linear).
+
+``GGUFLinear`` keeps its weight as the file's packed bytes, a ``uint8`` parameter of shape
+``(out_features, bytes_per_row)`` with ``requires_grad=False``.  ``Module.to(dtype)``/``.half()`` only cast
+floating tensors and accelerate only casts floating values, so the bytes survive moves between devices and
+offload hooks untouched.  Each forward dequantizes on the weight's device and calls ``F.linear``.
+
+The ggml type and logical shape travel in the module's ``_extra_state`` (an int64 tensor, so the state dict
+stays tensors-only and safetensors-compatible); loading a state dict reconfigures the module to the saved
+type, whatever type it was built with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dequant import block_info, blocks_nbytes, dequantize, packed_nbytes, qtype_id, qtype_name
+
+_STATE_FORMAT = 1
+
+
+def _as_bytes(raw: torch.Tensor) -> torch.Tensor:
+    """Packed data as uint8; typed F32/F16/BF16 tensors are reinterpreted, not converted."""
+    if raw.dtype == torch.uint8:
+        return raw
+    return raw.contiguous().view(torch.uint8)
+
+
+class GGUFWeight:
+    """A tensor in GGML storage: packed bytes, ggml type name and logical (torch-order) shape."""
+
+    __slots__ = ("raw", "qtype", "shape")
+
+    def __init__(self, raw: torch.Tensor, qtype: str | int, shape: Sequence[int]):
+        self.qtype = qtype_name(qtype)
+        self.shape = tuple(int(s) for s in shape)
+        raw = _as_bytes(raw)
+        expected = blocks_nbytes(math.prod(self.shape), self.qtype)
+        if raw.numel() != expected:
+            raise ValueError(
+                f"{self.qtype} data for shape {self.shape} must be {expected} bytes, got {raw.numel()}"
+            )
+        self.raw = raw
+
+    @classmethod
+    def from_gguf(cls, file: Any, name: str) -> GGUFWeight:
+        """Zero-copy weight for tensor ``name`` of a ``reader.GGUFFile``."""
+        info = file.info(name)
+        return cls(file.raw(info), info.type_name, info.shape)
+
+    def __repr__(self) -> str:
+        return f"GGUFWeight({self.qtype}, shape={self.shape}, device={self.raw.device})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.qtype not in ("F32", "F16", "BF16")
+
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        raw = self.raw if device is None else self.raw.to(device)
+        return dequantize(raw, self.qtype, self.shape, dtype)
+
+    def to(self, device: torch.device | str) -> GGUFWeight:
+        return GGUFWeight(self.raw.to(device), self.qtype, self.shape)
+
+    # -- dim-0 surgery on packed data (what checkpoint converters need: q/k/v splits and re-ordering) --
+
+    def _rows(self) -> torch.Tensor:
+        """Bytes as (shape[0], bytes per dim-0 index); possible when each index spans whole blocks."""
+        if not self.shape:
+            raise ValueError("cannot slice a 0-d GGUFWeight")
+        per_index = math.prod(self.shape[1:])
+        block_size, type_size = block_info(self.qtype)
+        if per_index % block_size:
+            raise ValueError(
+                f"cannot slice dim 0 of a {self.qtype} tensor of shape {self.shape}: one index spans "
+                f"{per_index} elements, not a whole number of {block_size}-element blocks"
+            )
+        return self.raw.reshape(self.shape[0], per_index // block_size * type_size)
+
+    def narrow(self, start: int, length: int) -> GGUFWeight:
+        """Rows ``start:start+length`` along dim 0, as a zero-copy byte slice."""
+        rows = self._rows().narrow(0, start, length)
+        return GGUFWeight(rows, self.qtype, (length, *self.shape[1:]))
+
+    def split(self, sizes: Sequence[int]) -> list[GGUFWeight]:
+        if sum(sizes) != self.shape[0]:
+            raise ValueError(f"split sizes {list(sizes)} do not add up to dim 0 of shape {self.shape}")
+        out, start = [], 0
+        for size in sizes:
+            out.append(self.narrow(start, size))
+            start += size
+        return out
+
+    def chunk(self, n: int) -> list[GGUFWeight]:
+        if self.shape[0] % n:
+            raise ValueError(f"cannot chunk dim 0 of shape {self.shape} into {n} equal parts")
+        return self.split([self.shape[0] // n] * n)
+
+    @staticmethod
+    def cat(weights: Sequence[GGUFWeight]) -> GGUFWeight:
+        """Concatenate along dim 0 (same type, same trailing dims)."""
+        first = weights[0]
+        for w in weights[1:]:
+            if w.qtype != first.qtype or w.shape[1:] != first.shape[1:]:
+                raise ValueError(f"cannot concatenate {w!r} with {first!r}")
+        if len(weights) == 1:
+            return first
+        rows = torch.cat([w._rows() for w in weights], dim=0)
+        return GGUFWeight(rows, first.qtype, (sum(w.shape[0] for w in weights), *first.shape[1:]))
+
+
+class GGUFLinear(nn.Module):
+    """``nn.Linear`` replacement that stores a GGML-packed weight and dequantizes it per forward.
+
+    ``compute_dtype`` (default: the input's dtype) is the dtype the weight is dequantized to and the matmul
+    runs in; the output is returned in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        qtype: str | int = "F16",
+        compute_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.qtype = qtype_name(qtype)
+        self.compute_dtype = compute_dtype
+        row_bytes = packed_nbytes((self.in_features,), self.qtype)
+        packed = torch.zeros(self.out_features, row_bytes, dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=bias_dtype, device=device), False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_raw(
+        cls,
+        raw: torch.Tensor,
+        qtype: str | int,
+        shape: Sequence[int],
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> GGUFLinear:
+        """Wrap packed bytes (no copy) of a weight with logical ``shape`` = (out_features, in_features)."""
+        out_features, in_features = (int(s) for s in shape)
+        w = GGUFWeight(raw, qtype, (out_features, in_features))
+        with torch.device("meta"):  # skip allocating the placeholder weight
+            module = cls(
+                in_features, out_features, bias is not None, qtype=w.qtype, compute_dtype=compute_dtype
+            )
+        module.weight = nn.Parameter(w.raw.reshape(out_features, -1), requires_grad=False)
+        if bias is not None:
+            if bias.shape != (out_features,) or not bias.is_floating_point():
+                raise ValueError(f"bias must be a float tensor of shape ({out_features},), got {bias.shape}")
+            module.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return module
+
+    @classmethod
+    def from_weight(
+        cls, weight: GGUFWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ) -> GGUFLinear:
+        return cls.from_raw(weight.raw, weight.qtype, weight.shape, bias, compute_dtype)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, qtype: str, compute_dtype: torch.dtype | None = None
+    ) -> GGUFLinear:
+        """Quantize an ``nn.Linear`` with gguf-py (on CPU); the result stays on the linear's device."""
+        import gguf
+        import gguf.quants
+
+        w = linear.weight.detach().to("cpu", torch.float32).numpy()
+        packed = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype_name(qtype)]))
+        bias = None if linear.bias is None else linear.bias.detach()
+        module = cls.from_raw(
+            packed.view(torch.uint8), qtype, tuple(linear.weight.shape), bias, compute_dtype
+        )
+        return module.to(linear.weight.device)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def packed_nbytes(self) -> int:
+        """Bytes held by the packed weight (bias not included)."""
+        return self.weight.numel() * self.weight.element_size()
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(
+            self.weight, self.qtype, self.weight_shape, dtype or self.compute_dtype or torch.float32
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or (x.dtype if x.is_floating_point() else torch.float32)
+        w = dequantize(self.weight, self.qtype, self.weight_shape, dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        y = F.linear(x.to(dtype), w, b)
+        return y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
+            f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}"
+        )
+
+    # -- state dict: bytes in "weight", type and shape in "_extra_state" ---------------------------------
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([_STATE_FORMAT, qtype_id(self.qtype), self.out_features, self.in_features])
+
+    def set_extra_state(self, state: Any) -> None:
+        values = [int(v) for v in torch.as_tensor(state).flatten().tolist()]
+        if len(values) != 4 or values[0] != _STATE_FORMAT:
+            raise ValueError(f"GGUFLinear: unrecognised extra state {values}")
+        self.qtype = qtype_name(values[1])
+        self.out_features, self.in_features = values[2], values[3]
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        extra = state_dict.get(prefix + "_extra_state")
+        incoming = state_dict.get(prefix + "weight")
+        if extra is not None:
+            try:
+                self.set_extra_state(extra)
+            except ValueError as e:
+                error_msgs.append(f"{prefix}_extra_state: {e}")
+                return
+        if incoming is not None:
+            expected = (self.out_features, packed_nbytes((self.in_features,), self.qtype))
+            if tuple(incoming.shape) != expected or incoming.dtype != torch.uint8:
+                error_msgs.append(
+                    f"{prefix}weight: expected packed {self.qtype} uint8 bytes of shape {expected} for "
+                    f"({self.out_features}, {self.in_features}), got {incoming.dtype} {tuple(incoming.shape)}"
+                )
+                return
+            if self.weight.shape != incoming.shape:  # saved with another qtype: re-shape our placeholder
+                device = self.weight.device
+                self.weight = nn.Parameter(torch.empty(expected, dtype=torch.uint8, device=device), False)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
