@@ -163,7 +163,7 @@ def cmd_quantize(args) -> int:
         from .backends import get_backend
         from .backends.gguf import portable_config
         from .backends.gguf.writer import write_gguf
-        from .components import DEFAULT_EXCLUDE, Component, _matches_any
+        from .components import DEFAULT_EXCLUDE, Component, _matches_full
         from .rules import enforce
         from .spec import Plan
 
@@ -173,7 +173,7 @@ def cmd_quantize(args) -> int:
         model = cls.from_pretrained(folder)
         keep = DEFAULT_EXCLUDE.get(kind, ())
         written = write_gguf(args.out, model.state_dict(), spec.qtype.upper(), arch=cls.__name__,
-                             config=portable_config(model.config), keep_full_precision=lambda key, _t: _matches_any(
+                             config=portable_config(model.config), keep_full_precision=lambda key, _t: _matches_full(
                                  key.rpartition(".")[0], keep))
         counts: dict[str, int] = {}
         for t in written.values():

@@ -43,20 +43,18 @@ def _is_transformers_class(cls: type | str) -> bool:
     return any(base.__module__.startswith("transformers.") for base in cls.__mro__)
 
 
-# Layers a family keeps in full precision by default: embedders and the output projection carry little
-# weight but most of the quantization error (what SD.Next, Forge and ComfyUI keep unquantized too).
+# Layers a family keeps in full precision by default: embedders and the model's final output projection
+# carry little weight but most of the quantization error (what SD.Next, Forge and ComfyUI keep unquantized
+# too).  These patterns match the full module name (anchored), so "proj_out" is the model's last layer,
+# not every block's proj_out; user include/exclude patterns also match any dotted suffix.
 DEFAULT_EXCLUDE: dict[str, tuple[str, ...]] = {
     "transformer": (
-        "*embed*",
-        "*embedder*",
-        "proj_out",
-        "norm_out.*",
-        "*time_text_embed*",
-        "*timestep_embedder*",
+        "x_embedder", "context_embedder", "*embedder*", "*embed", "pos_embed*", "proj_out", "norm_out.*",
+        "time_text_embed.*", "time_embed*", "*timestep_embedder*",
     ),
-    "unet": ("conv_in", "conv_out", "time_embedding.*", "add_embedding.*", "*class_embedding*"),
-    "controlnet": ("conv_in", "time_embedding.*", "add_embedding.*", "*controlnet_cond_embedding*"),
-    "text_encoder": ("*embed*", "*shared*", "lm_head", "*position*"),
+    "unet": ("conv_in", "conv_out", "time_embedding.*", "add_embedding.*", "class_embedding*"),
+    "controlnet": ("conv_in", "time_embedding.*", "add_embedding.*", "controlnet_cond_embedding.*"),
+    "text_encoder": ("*embed*", "shared", "lm_head", "*position*"),
     "vae": ("*",),
     "other": (),
 }
@@ -88,9 +86,14 @@ def fp32_modules(model, dtype) -> set[str]:
     return keep
 
 
-def exclude_patterns(model, spec: Spec, kind: str) -> tuple[str, ...]:
+def default_excludes(model, kind: str) -> tuple[str, ...]:
+    """Anchored patterns a kind keeps in full precision, plus the modules the model keeps in float32."""
     keep_fp32 = tuple(f"*{m}*" for m in (getattr(model, "_keep_in_fp32_modules", None) or ()))
-    return DEFAULT_EXCLUDE.get(kind, ()) + keep_fp32 + spec.patterns("exclude")
+    return DEFAULT_EXCLUDE.get(kind, ()) + keep_fp32
+
+
+def _matches_full(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def select_linears(model, spec: Spec, kind: str) -> list[str]:
@@ -99,14 +102,14 @@ def select_linears(model, spec: Spec, kind: str) -> list[str]:
 
     backend = get_backend(spec.backend)
     include = spec.patterns("include")
-    exclude = exclude_patterns(model, spec, kind)
+    defaults = default_excludes(model, kind)
     min_features = int(spec.option("min_features", str(DEFAULT_MIN_FEATURES)))
     selected = []
     for name, linear in _named_linears(model):
         # An explicit include replaces the default excludes; the user's own excludes still apply.
         if include and not _matches_any(name, include):
             continue
-        if _matches_any(name, spec.patterns("exclude") if include else exclude):
+        if _matches_any(name, spec.patterns("exclude")) or (not include and _matches_full(name, defaults)):
             continue
         if min(linear.in_features, linear.out_features) < min_features:
             continue

@@ -36,6 +36,14 @@ def balance_model(model: torch.nn.Module, device: str, gpu_memory: float | None 
     else:
         max_memory = get_balanced_memory(model, no_split_module_classes=no_split)
     device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if set(device_map.values()) == {"cpu"}:
+        # Nothing fits on the GPU: still run there, streaming every block in (dispatch_model would run the
+        # component on the CPU, and its weights map breaks for a map of the whole model).
+        from accelerate import cpu_offload
+
+        cpu_offload(model, execution_device=f"cuda:{index}")
+        model.hf_device_map = dict(device_map)
+        return device_map
     dispatch_model(model, device_map=device_map, main_device=f"cuda:{index}")
     return device_map
 

@@ -7,7 +7,15 @@ import torch
 
 import diffusers_quant
 from diffusers_quant.components import Component
-from diffusers_quant.rules import RULES, cells, markdown_table, problems, readme_section, refusals_markdown, verdict
+from diffusers_quant.rules import (
+    RULES,
+    cells,
+    markdown_table,
+    problems,
+    readme_section,
+    refusals_markdown,
+    verdict,
+)
 from diffusers_quant.spec import Plan, Spec
 
 ALLOWED_CPU = [(s, k, o) for s, k, o, d, v in cells(devices=("cpu",)) if v.allowed]
@@ -119,3 +127,8 @@ def test_every_allowed_cuda_cell_runs(spec, kind, offload, flux_path, sd_path, t
     image = generate(pipe)
     assert image.shape == (64, 64, 3)
     assert torch.cuda.max_memory_allocated() > 0
+    if offload == "balanced":
+        component = getattr(pipe, "text_encoder" if kind == "text_encoder" else kind)
+        assert component.hf_device_map, "a balanced map must have placed the component"
+        if kind in ("transformer", "unet"):  # the small CLIP encoder fits the budget whole
+            assert "cpu" in set(component.hf_device_map.values()), "the tiny GPU budget must split the component"

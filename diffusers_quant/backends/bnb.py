@@ -73,6 +73,9 @@ class BnbBackend(Backend):
                 device="meta",
             )
             layer.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
+            # Int8Params only quantizes on a move *from* the CPU; quantize where the weight already is, so a
+            # weight read straight onto the GPU is not left in full precision.
+            layer.weight._quantize(device)
         else:
             if spec.option("compute_dtype"):
                 compute_dtype = getattr(torch, normalize_dtype(spec.option("compute_dtype")))

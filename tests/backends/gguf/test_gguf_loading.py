@@ -195,7 +195,7 @@ def test_host_memory_during_load_stays_far_below_the_file_size(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("offload", ["model", "sequential"])
+@pytest.mark.parametrize("offload", ["model"])
 def test_offload_keeps_gguf_bytes_packed(offload, tmp_path, flux_state, flux_path):
     from diffusers import FluxPipeline
 

@@ -1,0 +1,78 @@
+"""The benchmark harness end to end on the tiny demo transformer: bf16, one of our rows and one plain-diffusers
+row, each in its own subprocess, into a temporary folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench.py"
+ROWS = ("bf16", "ours/quanto:qint8/on-load", "plain/quanto:qint8")
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, flux_path):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(BENCH), "--device", "cpu", "--model", "tiny", "--rows", ",".join(ROWS[1:]),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_results_json_has_the_rows_with_finite_figures(bench_run):
+    out, _ = bench_run
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["id"]: r for r in data["rows"]}
+    assert set(rows) == set(ROWS)
+    for row in rows.values():
+        assert row["status"] == "ok", row.get("note")
+        for key in ("load_s", "step_ms", "model_bytes", "checkpoint_bytes", "step_ratio", "mem_ratio", "load_ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["id"], key, row[key])
+        assert row["host_peak_growth"] >= 0
+    assert rows["bf16"]["rel_l2"] == 0
+    for rid in ROWS[1:]:
+        assert 0 < rows[rid]["rel_l2"] < 0.5
+        assert rows[rid]["mem_ratio"] < 1  # quantized weights take less memory than bf16
+    # ours is checked against plain diffusers of the same format
+    assert rows["ours/quanto:qint8/on-load"]["plain_rel_l2"] == rows["plain/quanto:qint8"]["rel_l2"]
+    assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["versions"]["torch"]
+
+
+def test_markdown_table_and_chart(bench_run):
+    out, stdout = bench_run
+    md = (out / "results.md").read_text()
+    assert "| row | load s |" in md
+    for rid in ROWS:
+        assert f"| {rid} |" in md
+    assert "## Ours vs plain diffusers" in md
+    assert md.strip() in stdout  # the table is printed too
+    assert (out / "chart.png").stat().st_size > 1000
+
+
+def test_row_selection_and_machine_names():
+    bench = _bench_module()
+    rows = bench.all_rows()
+    ids = [r.id for r in rows]
+    assert ids[0] == "bf16" and "ours/quanto:qint8/on-load" in ids and "plain/bnb:nf4" in ids
+    picked = bench.select_rows(rows, quick=False, patterns="ours/bnb:*")
+    assert [r.id for r in picked][0] == "bf16" and all(r.id.startswith("ours/bnb:") for r in picked[1:])
+    assert {r.id for r in bench.select_rows(rows, quick=True, patterns=None)} <= set(bench.QUICK_ROWS)
+    assert bench.machine_slug("cuda", "NVIDIA H100 80GB HBM3") == "nvidia-h100"
+    assert bench.machine_slug("cuda", "NVIDIA A100-SXM4-80GB") == "nvidia-a100"
+    assert bench.machine_slug("cpu", None).startswith("cpu-")
