@@ -30,14 +30,14 @@ def kind_of_class(cls: type | str) -> str:
         return "unet"
     if lowered.startswith(("autoencoder", "vqmodel", "consistencydecoder")) or "vae" in lowered:
         return "vae"
-    if "transformer" in lowered and lowered.endswith("model") and not _is_transformers_class(cls):
+    if "transformer" in lowered and lowered.endswith("model") and not is_transformers_class(cls):
         return "transformer"
-    if _is_transformers_class(cls) or any(k in lowered for k in ("textmodel", "encodermodel", "forcausallm")):
+    if is_transformers_class(cls) or any(k in lowered for k in ("textmodel", "encodermodel", "forcausallm")):
         return "text_encoder"
     return "other"
 
 
-def _is_transformers_class(cls: type | str) -> bool:
+def is_transformers_class(cls: type | str) -> bool:
     if isinstance(cls, str):
         return False
     return any(base.__module__.startswith("transformers.") for base in cls.__mro__)

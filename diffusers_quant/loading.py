@@ -199,12 +199,12 @@ def load_gguf(cls: type, path, kwargs: dict, plan: Plan | None, name: str, kind:
     loaded = load_gguf_model(cls, path, config=config if config is not None else kwargs.get("config"),
                              subfolder=kwargs.get("subfolder"), dtype=dtype, device=torch.device(plan.device))
     model = loaded.model
+    quantized = sum(get_backend("gguf").owns(m) for m in model.modules())
     report = report or Report(plan=str(plan))
     report.add(ComponentReport(
         name=name, kind=kind, class_name=cls.__name__, spec=f"gguf:{loaded.qtype.lower()}", mode="pre-quantized",
-        bytes_before=loaded.logical_bytes, bytes_after=state_nbytes(model), layers_quantized=sum(
-            type(m).__name__ == "GGUFLinear" for m in model.modules()), linears_total=sum(
-            type(m).__name__ == "GGUFLinear" for m in model.modules()) + count_linears(model),
+        bytes_before=loaded.logical_bytes, bytes_after=state_nbytes(model), layers_quantized=quantized,
+        linears_total=quantized + count_linears(model),
         seconds=time.perf_counter() - start, device=plan.device,
     ))
     model.quant_report = report

@@ -13,14 +13,9 @@ from .spec import Plan
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
-    return any(
-        type(m) is not torch.nn.Linear and isinstance(m, torch.nn.Module) and _is_quant_layer(m)
-        for m in module.modules()
-    )
+    from .backends import backend_of
 
-
-def _is_quant_layer(module: torch.nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt", "QLinear", "NNCFLinear", "GGUFLinear")
+    return any(backend_of(m) is not None for m in module.modules())
 
 
 def balance_model(model: torch.nn.Module, device: str, gpu_memory: float | None = None) -> dict:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .components import Component
-from .errors import PlanRefused, QuantError, choices
+from .errors import PlanRefused
 from .spec import KINDS, OFFLOADS, Plan, Spec
 
 DEVICES = ("cpu", "cuda")
@@ -262,11 +262,6 @@ def refusals_markdown() -> str:
             fields = (r.backend, r.qtype, r.kind, r.offload, r.device, r.reason, r.fix)
             lines.append("| " + " | ".join(cell(f) for f in fields) + " |")
     return "\n".join(lines)
-
-
-def check_device_name(device: str) -> None:
-    if device_type(device) not in ("cpu", "cuda", "mps", "xpu", "npu", "hpu", "meta"):
-        raise QuantError(f"unknown device {device!r}; expected one of {choices(DEVICES)}")
 
 
 START, END = "<!-- rules:start -->", "<!-- rules:end -->"

@@ -17,37 +17,35 @@ from pathlib import Path
 
 import torch
 
+from .components import is_transformers_class
 from .errors import QuantError
-from .streaming import _is_transformers_model, build_empty, find_safetensors
+from .streaming import build_empty, find_safetensors
 
 META_KEY = "diffusers_quant"
 FORMAT_VERSION = 1
 
 
 def _weights_name(model: torch.nn.Module) -> str:
-    stem = "model" if _is_transformers_model(type(model)) else "diffusion_pytorch_model"
+    stem = "model" if is_transformers_class(type(model)) else "diffusion_pytorch_model"
     return f"{stem}.safetensors"
 
 
 def quantization_map(model: torch.nn.Module) -> dict[str, dict]:
     """Layer name -> {backend, config} for every saveable quantized layer; refuses unsaveable ones."""
-    from .backends import all_backends
+    from .backends import backend_of
 
     layers: dict[str, dict] = {}
     for name, module in model.named_modules():
-        for backend in all_backends():
-            config = backend.layer_config(module) if backend.saves else None
-            if config is not None:
-                layers[name] = {"backend": backend.name, "config": config}
-                break
-        else:
-            kind = type(module).__name__
-            if kind in ("Linear4bit", "Linear8bitLt", "QLinear") or kind.startswith("GGUF"):
-                raise QuantError(
-                    f"cannot save layer {name!r} ({kind}): saving is supported for nncf-quantized "
-                    "components so far; fix: quantize with an nncf spec, or keep the original "
-                    "checkpoint and quantize it on load"
-                )
+        backend = backend_of(module)
+        if backend is None:
+            continue
+        if not backend.saves:
+            raise QuantError(
+                f"cannot save layer {name!r} ({type(module).__name__}): saving is supported for nncf-quantized "
+                "components so far; fix: quantize with an nncf spec, or keep the original checkpoint and "
+                "quantize it on load"
+            )
+        layers[name] = {"backend": backend.name, "config": backend.layer_config(module)}
     return layers
 
 
@@ -71,7 +69,7 @@ def save_quantized(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
     try:
         from safetensors.torch import save_file
 
-        if _is_transformers_model(type(model)):
+        if is_transformers_class(type(model)):
             model.config.save_pretrained(tmp)
         else:
             model.save_config(tmp)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .components import fp32_modules, select_linears
+from .components import fp32_modules, is_transformers_class, select_linears
 from .errors import QuantError
 from .quantize import quantize_linear_into
 from .spec import Spec
@@ -56,15 +56,11 @@ def find_safetensors(folder: str | os.PathLike, variant: str | None = None) -> l
     return None
 
 
-def _is_transformers_model(cls: type) -> bool:
-    return any(base.__module__.startswith("transformers.") for base in cls.__mro__)
-
-
 def build_empty(cls: type, folder: str | os.PathLike) -> torch.nn.Module:
     """The model from its config alone, parameters on the meta device (buffers real, as accelerate does)."""
     from accelerate import init_empty_weights
 
-    if _is_transformers_model(cls):
+    if is_transformers_class(cls):
         config = cls.config_class.from_pretrained(folder)
         with init_empty_weights():
             return cls(config)

@@ -24,6 +24,11 @@ def get_backend(name: str) -> Backend:
         raise SpecError(f"unknown backend {name!r}; expected one of {choices(_REGISTRY)}") from None
 
 
+def backend_of(module) -> Backend | None:
+    """The backend whose quantized layer ``module`` is, if any."""
+    return next((b for b in _REGISTRY.values() if b.owns(module)), None)
+
+
 def backend_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
@@ -37,4 +42,4 @@ register(QuantoBackend())
 register(NncfBackend())
 register(GgufBackend())
 
-__all__ = ["Backend", "all_backends", "backend_names", "get_backend", "register"]
+__all__ = ["Backend", "all_backends", "backend_names", "backend_of", "get_backend", "register"]

@@ -35,6 +35,8 @@ class Backend:
     aliases: ClassVar[dict[str, str]] = {}
     # Whether quantized layers can be saved and loaded back without requantizing (layer_config/empty_layer).
     saves: ClassVar[bool] = False
+    # Class names of the layers this backend puts in place of nn.Linear (names: no library import needed).
+    layer_types: ClassVar[tuple[str, ...]] = ()
 
     def is_available(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
@@ -70,6 +72,10 @@ class Backend:
     ) -> torch.nn.Module:
         """Return a quantized replacement for ``linear`` on the device its weight is on."""
         raise NotImplementedError
+
+    def owns(self, module: torch.nn.Module) -> bool:
+        """Whether ``module`` is one of this backend's quantized layers."""
+        return type(module).__name__ in self.layer_types
 
     def layer_config(self, module: torch.nn.Module) -> dict | None:
         """JSON description of a quantized layer of this backend (None if ``module`` is not one)."""

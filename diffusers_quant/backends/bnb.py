@@ -36,6 +36,7 @@ class BnbBackend(Backend):
     extra = "bnb"
     qtypes = ("nf4", "fp4", "int8")
     aliases = {"llm_int8": "int8", "8bit": "int8"}
+    layer_types = ("Linear4bit", "Linear8bitLt")
     options = {
         "double_quant": "4-bit: also quantize the block scales (default true)",
         "blocksize": "4-bit: weights per scale block (default 64)",

@@ -30,6 +30,7 @@ class NncfBackend(Backend):
         "power of two dividing it (>= 32), else int8 per channel, as NNCF's ADJUST fallback does",
     }
     saves = True
+    layer_types = ("NNCFLinear",)
 
     def group_size(self, spec: Spec) -> int:
         value = spec.option("group_size", "64")

@@ -27,6 +27,7 @@ class QuantoBackend(Backend):
     module = "optimum.quanto"
     extra = "quanto"
     qtypes = ("qint8", "qint4", "qint2", "qfloat8")
+    layer_types = ("QLinear",)
     aliases = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "float8": "qfloat8", "fp8": "qfloat8"}
 
     def is_available(self) -> bool:

@@ -35,6 +35,7 @@ class GgufBackend(Backend):
     module = "gguf"
     extra = "gguf"
     qtypes = tuple(QUANTIZE_TYPES)
+    layer_types = ("GGUFLinear",)
 
     def normalize_qtype(self, qtype: str) -> str:
         if qtype.lower().endswith(".gguf"):
