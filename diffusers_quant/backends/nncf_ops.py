@@ -296,6 +296,25 @@ def _nncf_compress(
     return compressed.tensor.data, compressed.scale.data, zero_point
 
 
+# Rows compressed per NNCF call: its float32 intermediates then stay a few tens of MB, whatever the layer,
+# so the GPU peak during a load stays close to what the compressed model keeps resident.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _nncf_compress_rows(
+    weight: torch.Tensor, qtype: str, group_size: int, chunk_elements: int = _CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``_nncf_compress`` over blocks of output rows. Scales and zero points are per row (or per row and
+    group), so the result is identical to one call on the whole weight (a test checks it)."""
+    rows = max(1, chunk_elements // max(1, weight.shape[1]))
+    if weight.shape[0] <= rows:
+        return _nncf_compress(weight, qtype, group_size)
+    parts = [_nncf_compress(weight[i : i + rows], qtype, group_size) for i in range(0, weight.shape[0], rows)]
+    qs, scales, zeros = zip(*parts, strict=True)
+    zero_point = None if zeros[0] is None else torch.cat(zeros)
+    return torch.cat(qs), torch.cat(scales), zero_point
+
+
 def compress_linear(
     linear: nn.Linear,
     qtype: str,
@@ -341,7 +360,7 @@ def compress_linear(
         )
 
     with torch.no_grad():
-        q, scale, zero_point = _nncf_compress(weight, eff_qtype, eff_group_size)
+        q, scale, zero_point = _nncf_compress_rows(weight, eff_qtype, eff_group_size)
         bias = linear.bias
         layer = NNCFLinear(
             linear.in_features,
