@@ -579,7 +579,7 @@ def run_worker(job: dict) -> dict:
     _quiet()
     import torch
 
-    from diffusers_quant.quantize import state_nbytes
+    from diffusers_quant.post_load import state_nbytes
 
     defn = MODELS[job["model"]]
     if job.get("threads"):

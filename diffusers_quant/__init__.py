@@ -61,7 +61,7 @@ def quantized(plan: Plan | str | dict):
 def quantize(model, spec: Spec | str, *, kind: str | None = None, device: str | None = None):
     """Quantize an already-loaded model in place, module by module; returns its report row."""
     from .components import Component, kind_of_class
-    from .loading import load_quantized
+    from .loading import quantize_loaded
     from .report import Report
     from .rules import enforce
 
@@ -70,7 +70,7 @@ def quantize(model, spec: Spec | str, *, kind: str | None = None, device: str | 
     plan = Plan(entries=((kind, spec),), mode="post-load", device=device or _device_of(model))
     enforce(plan, [Component(kind, kind, type(model).__name__)])
     report = Report(plan=str(plan))
-    load_quantized(lambda *_a, **_k: model, type(model), None, (), {}, plan, spec, kind, kind, report)
+    quantize_loaded(model, spec, kind, kind, plan.device, report)
     model.quant_report = report
     return report[kind]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib
+import inspect
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ from .loading import (
     component_report,
     load_gguf,
     load_model,
-    load_quantized,
+    quantize_loaded,
 )
 from .offload import place_pipeline
 from .report import Report
@@ -98,8 +99,6 @@ def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Co
                 if isinstance(value, list) and len(value) == 2 and value[0] and value[1]:
                     entries[name] = (value[0], value[1])
     else:
-        import inspect
-
         for name, param in inspect.signature(cls.__init__).parameters.items():
             ann = str(param.annotation)
             if name != "self" and ("Model" in ann or "Transformer" in ann or "Autoencoder" in ann):
@@ -179,14 +178,11 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
         pipe = original(cls, pretrained, *args, **kwargs)
     finally:
         ACTIVE_PIPELINE.reset(token)
-    post = plan.with_settings(mode="post-load")
     for name, module in pipe.components.items():
         kind = kind_of_class(type(module))
-        spec = post.spec_for(name, kind) if hasattr(module, "parameters") else None
+        spec = plan.spec_for(name, kind) if hasattr(module, "parameters") else None
         if spec is not None:
-            load_quantized(
-                lambda *_a, _m=module, **_k: _m, type(module), None, (), {}, post, spec, name, kind, report
-            )
+            quantize_loaded(module, spec, name, kind, plan.device, report)
     return _finish_pipeline(pipe, plan, report)
 
 
@@ -207,8 +203,14 @@ _TARGETS: tuple[tuple[str, str, str, Callable], ...] = (
 
 
 def _wrap(original_func: Callable, body: Callable) -> classmethod:
+    # The loaders' first parameter (the path) may come by keyword, as diffusers' own single-file loading
+    # passes it; the hook bodies take it positionally.
+    first = list(inspect.signature(original_func).parameters)[1]
+
     @functools.wraps(original_func)
     def hooked(cls, *args, **kwargs):
+        if not args and first in kwargs:
+            args = (kwargs.pop(first),)
         return body(original_func, cls, *args, **kwargs)
 
     hooked.__diffusers_quant__ = True

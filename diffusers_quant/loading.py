@@ -12,7 +12,7 @@ import torch
 
 from .components import Component, count_linears, fp32_modules, kind_of_class
 from .errors import QuantError
-from .quantize import quantize_model, state_nbytes
+from .post_load import quantize_model, state_nbytes
 from .report import ComponentReport, Report
 from .rules import enforce
 from .saving import load_prequantized, read_quant_metadata
@@ -51,7 +51,7 @@ def _resolve_folder(pretrained, kwargs: dict) -> str | None:
     return folder if os.path.isdir(folder) else None
 
 
-def _load_dtype(cls: type, kwargs: dict, plan: Plan) -> torch.dtype | None:
+def _load_dtype(kwargs: dict, plan: Plan) -> torch.dtype | None:
     # diffusers 0.42 and transformers 5 both take ``dtype`` (``torch_dtype`` is deprecated but accepted).
     value = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if value is None and plan.dtype:
@@ -103,7 +103,7 @@ def load_quantized(
     report: Report,
 ) -> torch.nn.Module:
     """Load one model with ``spec`` applied, on load when possible (or asked), else straight after load."""
-    dtype = _load_dtype(cls, kwargs, plan)
+    dtype = _load_dtype(kwargs, plan)
     device = torch.device(plan.device)
     folder = _resolve_folder(pretrained, kwargs)
     stream = None
@@ -129,12 +129,9 @@ def load_quantized(
         mode, quantized = "on-load", len(stream.selected)
     else:
         model = original(cls, pretrained, *args, **kwargs)
-        bytes_before = state_nbytes(model)
-        with _progress(None, f"{name}: {spec} after load (layers)") as bar:
-            stats = quantize_model(
-                model, spec, kind, dtype or _float_dtype(model), device=device, progress=bar
-            )
-        mode, quantized, total = "post-load", stats.quantized_layers, stats.total_linears
+        return quantize_loaded(
+            model, spec, name, kind, device, report, dtype=dtype, start=start, folder=folder
+        )
     if hasattr(model, "register_to_config") and folder is not None:
         model.register_to_config(_name_or_path=str(folder))
     report.add(
@@ -148,6 +145,43 @@ def load_quantized(
             bytes_after=state_nbytes(model),
             layers_quantized=quantized,
             linears_total=total,
+            seconds=time.perf_counter() - start,
+            device=str(device),
+        )
+    )
+    return model
+
+
+def quantize_loaded(
+    model: torch.nn.Module,
+    spec: Spec,
+    name: str,
+    kind: str,
+    device: torch.device | str,
+    report: Report,
+    *,
+    dtype: torch.dtype | None = None,
+    start: float | None = None,
+    folder: str | None = None,
+) -> torch.nn.Module:
+    """Post-load: quantize an already-loaded model module by module, and report it."""
+    start = time.perf_counter() if start is None else start
+    bytes_before = state_nbytes(model)
+    with _progress(None, f"{name}: {spec} after load (layers)") as bar:
+        stats = quantize_model(model, spec, kind, dtype or _float_dtype(model), device=device, progress=bar)
+    if hasattr(model, "register_to_config") and folder is not None:
+        model.register_to_config(_name_or_path=str(folder))
+    report.add(
+        ComponentReport(
+            name=name,
+            kind=kind,
+            class_name=type(model).__name__,
+            spec=str(spec),
+            mode="post-load",
+            bytes_before=bytes_before,
+            bytes_after=state_nbytes(model),
+            layers_quantized=stats.quantized_layers,
+            linears_total=stats.total_linears,
             seconds=time.perf_counter() - start,
             device=str(device),
         )
@@ -183,8 +217,9 @@ def load_saved(
     return model
 
 
-def load_gguf(cls: type, path, kwargs: dict, plan: Plan | None, name: str, kind: str,
-              report: Report | None, config=None) -> torch.nn.Module:
+def load_gguf(
+    cls: type, path, kwargs: dict, plan: Plan | None, name: str, kind: str, report: Report | None, config=None
+) -> torch.nn.Module:
     """A GGUF file for this component: checked against the rules, then loaded packed."""
     from .backends import get_backend
 
@@ -194,19 +229,34 @@ def load_gguf(cls: type, path, kwargs: dict, plan: Plan | None, name: str, kind:
     get_backend("gguf").require()
     from .backends.gguf.loader import load_gguf_model
 
-    dtype = _load_dtype(cls, kwargs, plan)
+    dtype = _load_dtype(kwargs, plan)
     start = time.perf_counter()
-    loaded = load_gguf_model(cls, path, config=config if config is not None else kwargs.get("config"),
-                             subfolder=kwargs.get("subfolder"), dtype=dtype, device=torch.device(plan.device))
+    loaded = load_gguf_model(
+        cls,
+        path,
+        config=config if config is not None else kwargs.get("config"),
+        subfolder=kwargs.get("subfolder"),
+        dtype=dtype,
+        device=torch.device(plan.device),
+    )
     model = loaded.model
     quantized = sum(get_backend("gguf").owns(m) for m in model.modules())
     report = report or Report(plan=str(plan))
-    report.add(ComponentReport(
-        name=name, kind=kind, class_name=cls.__name__, spec=f"gguf:{loaded.qtype.lower()}", mode="pre-quantized",
-        bytes_before=loaded.logical_bytes, bytes_after=state_nbytes(model), layers_quantized=quantized,
-        linears_total=quantized + count_linears(model),
-        seconds=time.perf_counter() - start, device=plan.device,
-    ))
+    report.add(
+        ComponentReport(
+            name=name,
+            kind=kind,
+            class_name=cls.__name__,
+            spec=f"gguf:{loaded.qtype.lower()}",
+            mode="pre-quantized",
+            bytes_before=loaded.logical_bytes,
+            bytes_after=state_nbytes(model),
+            layers_quantized=quantized,
+            linears_total=quantized + count_linears(model),
+            seconds=time.perf_counter() - start,
+            device=plan.device,
+        )
+    )
     model.quant_report = report
     return model
 
@@ -233,8 +283,9 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
         return original(cls, pretrained, *args, **kwargs)
     if spec.backend == "gguf" and spec.qtype.lower().endswith(".gguf"):
         # transformer=gguf:/path/file.gguf: the file replaces this component; its folder gives the config.
-        return load_gguf(cls, spec.qtype, kwargs, plan, name, kind, active.report if active else None,
-                         config=folder)
+        return load_gguf(
+            cls, spec.qtype, kwargs, plan, name, kind, active.report if active else None, config=folder
+        )
     if active is None:  # a model loaded on its own: check its one component now
         enforce(plan, [Component(name, kind, cls.__name__)])
         report = Report(plan=str(plan), offload=plan.offload)

@@ -20,7 +20,7 @@ import torch
 
 from .components import fp32_modules, is_transformers_class, select_linears
 from .errors import QuantError
-from .quantize import quantize_linear_into
+from .post_load import quantize_linear_into
 from .spec import Spec
 
 # Names diffusers and transformers save their safetensors weights under.
