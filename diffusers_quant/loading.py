@@ -132,13 +132,33 @@ def load_quantized(
         return quantize_loaded(
             model, spec, name, kind, device, report, dtype=dtype, start=start, folder=folder
         )
+    return _record(
+        report, model, spec, name, kind, mode, bytes_before, quantized, total, start, device, folder
+    )
+
+
+def _record(
+    report: Report,
+    model: torch.nn.Module,
+    spec: Spec,
+    name: str,
+    kind: str,
+    mode: str,
+    bytes_before: int,
+    quantized: int,
+    total: int,
+    start: float,
+    device,
+    folder: str | None,
+):
+    """Add the component's row to the report (bytes after measured on the model itself)."""
     if hasattr(model, "register_to_config") and folder is not None:
         model.register_to_config(_name_or_path=str(folder))
     report.add(
         ComponentReport(
             name=name,
             kind=kind,
-            class_name=cls.__name__,
+            class_name=type(model).__name__,
             spec=str(spec),
             mode=mode,
             bytes_before=bytes_before,
@@ -169,24 +189,20 @@ def quantize_loaded(
     bytes_before = state_nbytes(model)
     with _progress(None, f"{name}: {spec} after load (layers)") as bar:
         stats = quantize_model(model, spec, kind, dtype or _float_dtype(model), device=device, progress=bar)
-    if hasattr(model, "register_to_config") and folder is not None:
-        model.register_to_config(_name_or_path=str(folder))
-    report.add(
-        ComponentReport(
-            name=name,
-            kind=kind,
-            class_name=type(model).__name__,
-            spec=str(spec),
-            mode="post-load",
-            bytes_before=bytes_before,
-            bytes_after=state_nbytes(model),
-            layers_quantized=stats.quantized_layers,
-            linears_total=stats.total_linears,
-            seconds=time.perf_counter() - start,
-            device=str(device),
-        )
+    return _record(
+        report,
+        model,
+        spec,
+        name,
+        kind,
+        "post-load",
+        bytes_before,
+        stats.quantized_layers,
+        stats.total_linears,
+        start,
+        device,
+        folder,
     )
-    return model
 
 
 def load_saved(
