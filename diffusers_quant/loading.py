@@ -140,7 +140,7 @@ def load_quantized(
 def _record(
     report: Report,
     model: torch.nn.Module,
-    spec: Spec,
+    spec: Spec | str,
     name: str,
     kind: str,
     mode: str,
@@ -213,24 +213,25 @@ def load_saved(
     dtype = getattr(torch, plan.dtype) if plan and plan.dtype else None
     start = time.perf_counter()
     model = load_prequantized(cls, folder, meta, device, compute_dtype=dtype)
-    specs = sorted({f"{e['backend']}:{e['config'].get('qtype', '?')}" for e in meta["layers"].values()})
-    nbytes = state_nbytes(model)
-    report.add(
-        ComponentReport(
-            name=name,
-            kind=kind,
-            class_name=cls.__name__,
-            spec="+".join(specs),
-            mode="pre-quantized",
-            bytes_before=nbytes,
-            bytes_after=nbytes,
-            layers_quantized=len(meta["layers"]),
-            linears_total=len(meta["layers"]) + count_linears(model),
-            seconds=time.perf_counter() - start,
-            device=str(device),
-        )
+    specs = "+".join(
+        sorted({f"{e['backend']}:{e['config'].get('qtype', '?')}" for e in meta["layers"].values()})
     )
-    return model
+    quantized = len(meta["layers"])
+    # Saved already quantized: the bytes before are the bytes on disk and in memory.
+    return _record(
+        report,
+        model,
+        specs,
+        name,
+        kind,
+        "pre-quantized",
+        state_nbytes(model),
+        quantized,
+        quantized + count_linears(model),
+        start,
+        device,
+        None,
+    )
 
 
 def load_gguf(
@@ -258,20 +259,19 @@ def load_gguf(
     model = loaded.model
     quantized = sum(get_backend("gguf").owns(m) for m in model.modules())
     report = report or Report(plan=str(plan))
-    report.add(
-        ComponentReport(
-            name=name,
-            kind=kind,
-            class_name=cls.__name__,
-            spec=f"gguf:{loaded.qtype.lower()}",
-            mode="pre-quantized",
-            bytes_before=loaded.logical_bytes,
-            bytes_after=state_nbytes(model),
-            layers_quantized=quantized,
-            linears_total=quantized + count_linears(model),
-            seconds=time.perf_counter() - start,
-            device=plan.device,
-        )
+    _record(
+        report,
+        model,
+        f"gguf:{loaded.qtype.lower()}",
+        name,
+        kind,
+        "pre-quantized",
+        loaded.logical_bytes,
+        quantized,
+        quantized + count_linears(model),
+        start,
+        plan.device,
+        None,
     )
     model.quant_report = report
     return model

@@ -36,7 +36,6 @@ class StreamPlan:
     keys: dict[str, Path]
     selected: list[str]
     tied: dict[str, str] = field(default_factory=dict)
-    checkpoint_nbytes: int = 0
 
 
 def find_safetensors(folder: str | os.PathLike, variant: str | None = None) -> list[Path] | None:
@@ -79,16 +78,9 @@ def plan_stream(
     if not files:
         return None
     keys: dict[str, Path] = {}
-    nbytes = 0
     for path in files:
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                keys[key] = path
-                sl = f.get_slice(key)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                nbytes += numel * _dtype_size(sl.get_dtype())
+            keys.update(dict.fromkeys(f.keys(), path))
     model = build_empty(cls, folder)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     expected = set(model.state_dict().keys())
@@ -101,28 +93,7 @@ def plan_stream(
         keys=keys,
         selected=select_linears(model, spec, kind),
         tied=tied,
-        checkpoint_nbytes=nbytes,
     )
-
-
-_DTYPE_SIZES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-
-
-def _dtype_size(name: str) -> int:
-    return _DTYPE_SIZES.get(name, 4)
 
 
 def stream_load(

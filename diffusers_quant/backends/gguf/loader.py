@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,15 +16,21 @@ from .reader import GGUFError, read_gguf
 from .writer import CONFIG_KEY
 
 # Prefixes of whole-pipeline checkpoints (SD/SDXL "all-in-one" files): text encoders and VAE included.
-ALL_IN_ONE_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.", "vae.",
-                       "text_encoder.", "text_model.")
+ALL_IN_ONE_PREFIXES = (
+    "first_stage_model.",
+    "cond_stage_model.",
+    "conditioner.",
+    "text_encoders.",
+    "vae.",
+    "text_encoder.",
+    "text_model.",
+)
 
 
 @dataclass
 class GGUFLoad:
     model: torch.nn.Module
     qtype: str  # the most common quantized type in the file
-    file_bytes: int
     logical_bytes: int
 
 
@@ -37,12 +42,22 @@ def _config(file, cls: type, config, subfolder: str | None) -> dict:
     embedded = file.metadata.get(CONFIG_KEY)
     if embedded:
         return json.loads(embedded)
-    raise QuantError(f"{file.path}: this GGUF file carries no model config; fix: pass config=<folder with the "
-                     f"model's config.json> (and subfolder=...) to from_single_file")
+    raise QuantError(
+        f"{file.path}: this GGUF file carries no model config; fix: pass config=<folder with the "
+        f"model's config.json> (and subfolder=...) to from_single_file"
+    )
 
 
-def load_gguf_model(cls: type, path, *, config=None, subfolder: str | None = None, dtype: torch.dtype | None,
-                    device: torch.device | str, compute_dtype: torch.dtype | None = None) -> GGUFLoad:
+def load_gguf_model(
+    cls: type,
+    path,
+    *,
+    config=None,
+    subfolder: str | None = None,
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    compute_dtype: torch.dtype | None = None,
+) -> GGUFLoad:
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
@@ -71,12 +86,16 @@ def load_gguf_model(cls: type, path, *, config=None, subfolder: str | None = Non
     expected = model.state_dict()
     for key, weight in converted.items():
         if key not in expected:
-            raise QuantError(f"{path}: tensor {key!r} has no place in {cls.__name__}; fix: pass the config this "
-                             "file was made from (config=...)")
+            raise QuantError(
+                f"{path}: tensor {key!r} has no place in {cls.__name__}; fix: pass the config this "
+                "file was made from (config=...)"
+            )
         want = tuple(expected[key].shape)
         if tuple(weight.shape) != want:
-            raise QuantError(f"{path}: tensor {key!r} has shape {tuple(weight.shape)} in the file but "
-                             f"{cls.__name__} expects {want}; fix: pass the config this file was made from")
+            raise QuantError(
+                f"{path}: tensor {key!r} has shape {tuple(weight.shape)} in the file but "
+                f"{cls.__name__} expects {want}; fix: pass the config this file was made from"
+            )
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name)
         if weight.is_quantized and attr == "weight" and type(module) is torch.nn.Linear:
@@ -92,8 +111,10 @@ def load_gguf_model(cls: type, path, *, config=None, subfolder: str | None = Non
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
-        raise QuantError(f"{path}: no tensor for {len(missing)} parameter(s) of {cls.__name__}, e.g. "
-                         f"{missing[:3]}; fix: pass the config this file was made from")
+        raise QuantError(
+            f"{path}: no tensor for {len(missing)} parameter(s) of {cls.__name__}, e.g. "
+            f"{missing[:3]}; fix: pass the config this file was made from"
+        )
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -101,4 +122,4 @@ def load_gguf_model(cls: type, path, *, config=None, subfolder: str | None = Non
     qtype = max(set(types), key=types.count) if types else "F16"
     # What the same tensors take unquantized at the load dtype: the "before" of the report.
     logical = sum(math.prod(w.shape) for w in weights.values()) * torch.empty((), dtype=dtype).element_size()
-    return GGUFLoad(model, qtype, os.path.getsize(path), logical)
+    return GGUFLoad(model, qtype, logical)
