@@ -296,23 +296,55 @@ def _nncf_compress(
     return compressed.tensor.data, compressed.scale.data, zero_point
 
 
-# Rows compressed per NNCF call: its float32 intermediates then stay a few tens of MB, whatever the layer,
+# Rows compressed per NNCF call: its float32 intermediates then stay a few MB, whatever the layer,
 # so the GPU peak during a load stays close to what the compressed model keeps resident.
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(weight: torch.Tensor, qtype: str, chunk_elements: int | None = None) -> list[slice]:
+    """Blocks of output rows to compress one at a time. An even number of rows keeps each block's packed
+    int4 weight and zero points starting on a whole byte."""
+    out_features, in_features = weight.shape
+    rows = max(2, (chunk_elements or _CHUNK_ELEMENTS) // max(1, in_features) // 2 * 2)
+    if _BITS[qtype] == 4 and in_features % 2:
+        rows = out_features  # odd rows would split a byte between blocks
+    return [slice(i, min(i + rows, out_features)) for i in range(0, out_features, rows)]
 
 
 def _nncf_compress_rows(
-    weight: torch.Tensor, qtype: str, group_size: int, chunk_elements: int = _CHUNK_ELEMENTS
+    weight: torch.Tensor, qtype: str, group_size: int, chunk_elements: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``_nncf_compress`` over blocks of output rows. Scales and zero points are per row (or per row and
-    group), so the result is identical to one call on the whole weight (a test checks it)."""
-    rows = max(1, chunk_elements // max(1, weight.shape[1]))
-    if weight.shape[0] <= rows:
-        return _nncf_compress(weight, qtype, group_size)
-    parts = [_nncf_compress(weight[i : i + rows], qtype, group_size) for i in range(0, weight.shape[0], rows)]
+    """``_nncf_compress`` over blocks of output rows, concatenated. Scales and zero points are per row (or
+    per row and group), so the result is identical to one call on the whole weight (a test checks it)."""
+    parts = [_nncf_compress(weight[b], qtype, group_size) for b in _row_blocks(weight, qtype, chunk_elements)]
     qs, scales, zeros = zip(*parts, strict=True)
     zero_point = None if zeros[0] is None else torch.cat(zeros)
     return torch.cat(qs), torch.cat(scales), zero_point
+
+
+def _store_rows(
+    layer: NNCFLinear,
+    rows: slice,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+) -> None:
+    """Write one block of compressed rows into ``layer``'s buffers (packed int4 lands on whole bytes)."""
+    layer.scale[rows] = scale.to(torch.float16).reshape(-1, layer.scale.shape[1]).view(torch.int16)
+    if _BITS[layer.qtype] == 8:
+        layer.weight[rows] = q.reshape(-1, layer.in_features)
+        if zero_point is not None:
+            layer.zero_point[rows] = zero_point.to(torch.uint8).reshape(-1, 1)
+        return
+    # Symmetric int4 is packed offset by 8 (NNCF's pack_int4).
+    nibbles = q.to(torch.uint8) if _is_asym(layer.qtype) else (q + 8).to(torch.uint8)
+    packed = _pack_nibbles(nibbles)
+    start = rows.start * layer.in_features // 2
+    layer.weight[start : start + packed.numel()] = packed
+    if zero_point is not None:
+        packed = _pack_nibbles(zero_point.to(torch.uint8))
+        start = rows.start * layer.scale.shape[1] // 2
+        layer.zero_point[start : start + packed.numel()] = packed
 
 
 def compress_linear(
@@ -360,7 +392,6 @@ def compress_linear(
         )
 
     with torch.no_grad():
-        q, scale, zero_point = _nncf_compress_rows(weight, eff_qtype, eff_group_size)
         bias = linear.bias
         layer = NNCFLinear(
             linear.in_features,
@@ -372,19 +403,9 @@ def compress_linear(
             device=weight.device,
             compute_dtype=compute_dtype,
         )
-        if _BITS[eff_qtype] == 8:
-            layer.weight.copy_(q.reshape(layer.weight.shape))
-        else:
-            # Symmetric int4 is packed offset by 8 (NNCF's pack_int4).
-            nibbles = q.to(torch.uint8) if _is_asym(eff_qtype) else (q + 8).to(torch.uint8)
-            layer.weight.copy_(_pack_nibbles(nibbles))
-        # NNCF's decompressors keep the scale in float16; store its bits so dtype casts can't touch it.
-        layer.scale.copy_(scale.to(torch.float16).reshape(layer.scale.shape).view(torch.int16))
-        if zero_point is not None:
-            zero_point = zero_point.to(torch.uint8)
-            if _BITS[eff_qtype] == 4:
-                zero_point = _pack_nibbles(zero_point)
-            layer.zero_point.copy_(zero_point.reshape(layer.zero_point.shape))
+        # Block by block straight into the layer's buffers: no full-size temporary of the largest layer.
+        for rows in _row_blocks(weight, eff_qtype):
+            _store_rows(layer, rows, *_nncf_compress(weight[rows], eff_qtype, eff_group_size))
         if bias is not None:
             layer.bias.copy_(bias.detach())
     return layer

@@ -412,6 +412,28 @@ def test_row_chunked_compression_is_identical_to_one_call(qtype, group):
 
     weight = torch.randn(100, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     whole = _nncf_compress(weight, qtype, group)
-    chunked = _nncf_compress_rows(weight, qtype, group, chunk_elements=256 * 30)  # 30 rows per block, 4 blocks
+    chunked = _nncf_compress_rows(
+        weight, qtype, group, chunk_elements=256 * 30
+    )  # 30 rows per block, 4 blocks
     for a, b in zip(whole, chunked, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "qtype,group,in_features",
+    [("int8", -1, 192), ("int8_sym", -1, 192), ("int4", 64, 192), ("int4_sym", 64, 192), ("int4", -1, 129)],
+)
+def test_layer_compressed_block_by_block_equals_one_block(monkeypatch, qtype, group, in_features):
+    """compress_linear writes each block of rows straight into the layer's buffers; 3 groups per row and
+    an odd in_features check that packed int4 weights and zero points land on the right bytes."""
+    torch.manual_seed(3)
+    linear = nn.Linear(in_features, 50).to(torch.bfloat16)
+    monkeypatch.setattr(nncf_ops, "_CHUNK_ELEMENTS", 1 << 30)
+    whole = nncf_ops.compress_linear(linear, qtype, group_size=group)
+    monkeypatch.setattr(nncf_ops, "_CHUNK_ELEMENTS", in_features * 6)  # 6 rows per block: 9 blocks
+    assert len(nncf_ops._row_blocks(linear.weight, qtype)) == (1 if in_features % 2 else 9)
+    blocked = nncf_ops.compress_linear(linear, qtype, group_size=group)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, blocked.state_dict()[name]), name
+    x = torch.randn(3, in_features, dtype=torch.bfloat16)
+    assert torch.equal(whole(x), blocked(x))

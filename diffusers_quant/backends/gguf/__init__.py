@@ -21,8 +21,14 @@ if TYPE_CHECKING:
 # (block size, bytes per block) of the types gguf-py can quantize to, from gguf.GGML_QUANT_SIZES
 # (a test checks these against the library, so the registry needs no gguf import).
 QUANTIZE_TYPES: dict[str, tuple[int, int]] = {
-    "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q8_0": (32, 34),
-    "tq1_0": (256, 54), "tq2_0": (256, 66), "mxfp4": (32, 17),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
+    "q8_0": (32, 34),
+    "tq1_0": (256, 54),
+    "tq2_0": (256, 66),
+    "mxfp4": (32, 17),
 }
 
 
@@ -58,7 +64,9 @@ class GgufBackend(Backend):
         # ggml rows are whole blocks
         return is_file_spec(spec) or linear.in_features % QUANTIZE_TYPES[spec.qtype][0] == 0
 
-    def quantize_linear(self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype) -> torch.nn.Module:
+    def quantize_linear(
+        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+    ) -> torch.nn.Module:
         self.require()
         from .nn import GGUFLinear
 

@@ -97,9 +97,9 @@ def packed_nbytes(shape: Sequence[int], qtype: str | int) -> int:
 # Small helpers.  Fields are sliced out of the block rows, made contiguous and reinterpreted.
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """(n, 2k) bytes -> (n, k) float32 read as little-endian fp16."""
-    return b.contiguous().view(torch.float16).float()
+def _f16(b: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, 2k) bytes -> (n, k) ``ftype`` (float32 unless told) read as little-endian fp16."""
+    return b.contiguous().view(torch.float16).to(ftype)
 
 
 def _u16(b: torch.Tensor) -> torch.Tensor:
@@ -184,15 +184,15 @@ def _deq_bf16(blocks: torch.Tensor) -> torch.Tensor:
 # Legacy 32-element blocks
 
 
-def _deq_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
+def _deq_q4_0(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
+    d = _f16(blocks[:, :2], ftype)
     q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
-    return d * q.float()
+    return d * q.to(ftype)
 
 
-def _deq_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
-    return d * _nibbles(blocks[:, 4:]).float() + m
+def _deq_q4_1(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
+    d, m = _f16(blocks[:, :2], ftype), _f16(blocks[:, 2:4], ftype)
+    return d * _nibbles(blocks[:, 4:]).to(ftype) + m
 
 
 def _q5_high_bits(qh: torch.Tensor) -> torch.Tensor:
@@ -200,50 +200,50 @@ def _q5_high_bits(qh: torch.Tensor) -> torch.Tensor:
     return ((qh.unsqueeze(-1) >> _shifts(range(8), (1, 1, 8), qh)) & 1).reshape(-1, 32)
 
 
-def _deq_q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
+def _deq_q5_0(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
+    d = _f16(blocks[:, :2], ftype)
     q = _nibbles(blocks[:, 6:]) | (_q5_high_bits(blocks[:, 2:6]) << 4)
-    return d * (q.to(torch.int8) - 16).float()
+    return d * (q.to(torch.int8) - 16).to(ftype)
 
 
-def _deq_q5_1(blocks: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+def _deq_q5_1(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
+    d, m = _f16(blocks[:, :2], ftype), _f16(blocks[:, 2:4], ftype)
     q = _nibbles(blocks[:, 8:]) | (_q5_high_bits(blocks[:, 4:8]) << 4)
-    return d * q.float() + m
+    return d * q.to(ftype) + m
 
 
-def _deq_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = _f16(blocks[:, :2])
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * d
+def _deq_q8_0(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
+    d = _f16(blocks[:, :2], ftype)
+    return blocks[:, 2:].contiguous().view(torch.int8).to(ftype) * d
 
 
 # ---------------------------------------------------------------------------------------------------------
 # K-quants (256-element super-blocks)
 
 
-def _deq_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+def _deq_q2_k(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
     n = blocks.shape[0]
     scales, qs = blocks[:, :16], blocks[:, 16:80]
-    d, dmin = _f16(blocks[:, 80:82]), _f16(blocks[:, 82:84])
-    dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
-    ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
+    d, dmin = _f16(blocks[:, 80:82], ftype), _f16(blocks[:, 82:84], ftype)
+    dl = (d * (scales & 0x0F).to(ftype)).reshape(n, 16, 1)
+    ml = (dmin * (scales >> 4).to(ftype)).reshape(n, 16, 1)
     q = (qs.reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), (1, 1, 4, 1), qs)) & 3
-    return (dl * q.reshape(n, 16, 16).float() - ml).reshape(n, QK_K)
+    return (dl * q.reshape(n, 16, 16).to(ftype) - ml).reshape(n, QK_K)
 
 
-def _deq_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+def _deq_q3_k(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
     n = blocks.shape[0]
     hmask, qs, scales = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108]
-    d = _f16(blocks[:, 108:110])
+    d = _f16(blocks[:, 108:110], ftype)
     # 16 6-bit scales: low 4 bits in bytes 0..7 (two per byte), high 2 bits in bytes 8..11 (four per byte)
     lo = (scales[:, :8].reshape(n, 1, 8) >> _shifts((0, 4), (1, 2, 1), scales)).reshape(n, 16)
     hi = (scales[:, 8:].reshape(n, 1, 4) >> _shifts((0, 2, 4, 6), (1, 4, 1), scales)).reshape(n, 16)
     sc = ((lo & 0x0F) | ((hi & 0x03) << 4)).to(torch.int8) - 32
-    dl = (d * sc.float()).reshape(n, 16, 1)
+    dl = (d * sc.to(ftype)).reshape(n, 16, 1)
     ql = (qs.reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), (1, 1, 4, 1), qs)).reshape(n, 16, 16) & 3
     qh = (hmask.reshape(n, 1, 1, 32) >> _shifts(range(8), (1, 1, 8, 1), hmask)).reshape(n, 16, 16) & 1
     q = ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)  # a set mask bit means "no offset"
-    return (dl * q.float()).reshape(n, QK_K)
+    return (dl * q.to(ftype)).reshape(n, QK_K)
 
 
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,38 +256,38 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _deq_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def _deq_q4_k(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
     n = blocks.shape[0]
-    d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    d, dmin = _f16(blocks[:, :2], ftype), _f16(blocks[:, 2:4], ftype)
     sc, mn = _scale_min_k4(blocks[:, 4:16])
-    d = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    d = (d * sc.to(ftype)).reshape(n, 8, 1)
+    dm = (dmin * mn.to(ftype)).reshape(n, 8, 1)
     qs = blocks[:, 16:]
     q = (qs.reshape(n, 4, 1, 32) >> _shifts((0, 4), (1, 1, 2, 1), qs)).reshape(n, 8, 32) & 0x0F
-    return (d * q.float() - dm).reshape(n, QK_K)
+    return (d * q.to(ftype) - dm).reshape(n, QK_K)
 
 
-def _deq_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+def _deq_q5_k(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
     n = blocks.shape[0]
-    d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+    d, dmin = _f16(blocks[:, :2], ftype), _f16(blocks[:, 2:4], ftype)
     sc, mn = _scale_min_k4(blocks[:, 4:16])
-    d = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    d = (d * sc.to(ftype)).reshape(n, 8, 1)
+    dm = (dmin * mn.to(ftype)).reshape(n, 8, 1)
     qh, qs = blocks[:, 16:48], blocks[:, 48:]
     ql = (qs.reshape(n, 4, 1, 32) >> _shifts((0, 4), (1, 1, 2, 1), qs)).reshape(n, 8, 32) & 0x0F
     qh = (qh.reshape(n, 1, 1, 32) >> _shifts(range(8), (1, 1, 8, 1), qh)).reshape(n, 8, 32) & 1
-    return (d * (ql | (qh << 4)).float() - dm).reshape(n, QK_K)
+    return (d * (ql | (qh << 4)).to(ftype) - dm).reshape(n, QK_K)
 
 
-def _deq_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+def _deq_q6_k(blocks: torch.Tensor, ftype: torch.dtype = torch.float32) -> torch.Tensor:
     n = blocks.shape[0]
     ql, qh = blocks[:, :128], blocks[:, 128:192]
-    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
-    d = (_f16(blocks[:, 208:210]) * scales).reshape(n, 16, 1)
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).to(ftype)
+    d = (_f16(blocks[:, 208:210], ftype) * scales).reshape(n, 16, 1)
     ql = (ql.reshape(n, 2, 1, 64) >> _shifts((0, 4), (1, 1, 2, 1), ql)).reshape(n, 8, 32) & 0x0F
     qh = (qh.reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), (1, 1, 4, 1), qh)).reshape(n, 8, 32) & 3
     q = (ql | (qh << 4)).to(torch.int8) - 32
-    return (d * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
+    return (d * q.reshape(n, 16, 16).to(ftype)).reshape(n, QK_K)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -504,14 +504,27 @@ DEQUANTIZERS: dict[str, DequantFn] = {
 
 SUPPORTED_QTYPES: tuple[str, ...] = tuple(DEQUANTIZERS)
 
+# Types whose decoder can also run in a 16-bit compute dtype, as diffusers' and ComfyUI-GGUF's forward
+# passes do: half the memory traffic of decoding in float32 and casting, at 16-bit rounding per operation.
+_COMPUTE_DTYPE_TYPES = frozenset(
+    {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+)
+
 
 def dequantize(
-    raw: torch.Tensor, qtype: str | int, shape: Sequence[int], dtype: torch.dtype = torch.float32
+    raw: torch.Tensor,
+    qtype: str | int,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    exact: bool = True,
 ) -> torch.Tensor:
     """Decode packed GGML data to a ``dtype`` tensor of logical ``shape`` on ``raw``'s device.
 
     ``raw`` is the tensor's bytes as ``uint8`` in any shape (e.g. ``(rows, bytes_per_row)``); for
-    F32/F16/BF16 a typed tensor is accepted too.  Decoding is done in float32, then cast to ``dtype``.
+    F32/F16/BF16 a typed tensor is accepted too.  Decoding is done in float32, then cast to ``dtype``
+    (bit for bit gguf-py's result). ``exact=False`` lets the common types decode straight in a 16-bit
+    ``dtype`` (the forward pass's choice: faster, within 16-bit rounding of the exact result).
     """
     name = qtype_name(qtype)
     shape = tuple(int(s) for s in shape)
@@ -533,5 +546,7 @@ def dequantize(
         raise ValueError(f"{name} data for shape {shape} must be {nbytes} bytes, got {raw.numel()}")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype, device=raw.device)
-    out = fn(raw.reshape(-1, type_size))
-    return out.reshape(shape).to(dtype)
+    blocks = raw.reshape(-1, type_size)
+    if not exact and dtype in (torch.bfloat16, torch.float16) and name in _COMPUTE_DTYPE_TYPES:
+        return fn(blocks, dtype).reshape(shape)
+    return fn(blocks).reshape(shape).to(dtype)

@@ -216,7 +216,7 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or (x.dtype if x.is_floating_point() else torch.float32)
-        w = dequantize(self.weight, self.qtype, self.weight_shape, dtype)
+        w = dequantize(self.weight, self.qtype, self.weight_shape, dtype, exact=False)
         b = None if self.bias is None else self.bias.to(dtype)
         y = F.linear(x.to(dtype), w, b)
         return y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)

@@ -102,6 +102,37 @@ def test_output_dtype_and_shape(dtype, make_blocks):
     torch.testing.assert_close(got, _reference(raw, "Q4_K").reshape(3, 2, 256).to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("qtype", sorted(dequant._COMPUTE_DTYPE_TYPES))
+def test_compute_dtype_decoding_is_within_16_bit_rounding(qtype, dtype, make_blocks):
+    """The forward pass decodes the common types straight in bf16/fp16; each value stays within a few
+    16-bit roundings of gguf-py's float32 result, and the path really runs in 16 bits (not float32 + cast)."""
+    raw = torch.from_numpy(make_blocks(qtype, 64, seed=7))
+    block_size, _ = block_info(qtype)
+    exact = dequantize(raw, qtype, (64 * block_size,))
+    fast = dequantize(raw, qtype, (64 * block_size,), dtype, exact=False)
+    assert fast.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    # Per block, errors scale with the block's largest magnitude (scale and min are subtracted in 16 bits).
+    bound = exact.abs().reshape(64, -1).amax(dim=1, keepdim=True).expand(64, block_size).reshape(-1)
+    error = (fast.float() - exact).abs()
+    assert (error <= 4 * eps * bound + 1e-30).all(), (error / bound.clamp_min(1e-30)).max().item()
+
+
+def test_forward_path_decodes_in_the_compute_dtype(monkeypatch, make_blocks):
+    """exact=False hands the 16-bit dtype to the decoder (no float32 intermediate); exact=True never does."""
+    seen = []
+    real = DEQUANTIZERS["Q8_0"]
+    monkeypatch.setitem(
+        DEQUANTIZERS, "Q8_0", lambda blocks, *ftype: seen.append(ftype) or real(blocks, *ftype)
+    )
+    raw = torch.from_numpy(make_blocks("Q8_0", 4))
+    assert dequantize(raw, "Q8_0", (128,), torch.bfloat16, exact=False).dtype == torch.bfloat16
+    assert dequantize(raw, "Q8_0", (128,), torch.bfloat16).dtype == torch.bfloat16
+    assert dequantize(raw, "Q8_0", (128,), torch.float32, exact=False).dtype == torch.float32
+    assert seen == [(torch.bfloat16,), (), ()]
+
+
 def test_typed_float_input_and_uint8_bytes_agree():
     x = torch.randn(4, 8, dtype=torch.bfloat16)
     assert torch.equal(dequantize(x, "BF16", (4, 8), torch.bfloat16), x)

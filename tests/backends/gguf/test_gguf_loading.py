@@ -77,7 +77,9 @@ def test_original_bfl_key_names_load(tmp_path, flux_state, flux_path):
         FluxTransformer2DModel.from_single_file(str(path))
     model = FluxTransformer2DModel.from_single_file(str(path), config=str(flux_path), subfolder="transformer")
     reference = FluxTransformer2DModel.from_single_file(str(_write(tmp_path, flux_state, "Q8_0")))
-    for (ka, a), (kb, b) in zip(sorted(model.state_dict().items()), sorted(reference.state_dict().items()), strict=True):
+    for (ka, a), (kb, b) in zip(
+        sorted(model.state_dict().items()), sorted(reference.state_dict().items()), strict=True
+    ):
         assert ka == kb and torch.equal(a, b), ka
 
 
@@ -128,7 +130,9 @@ def test_refusals_have_reason_and_fix(tmp_path, flux_path, flux_state):
     v = verdict(Spec("gguf", "q8_0"), "transformer", "balanced", "cuda")
     assert not v.allowed and "balanced offload is allowed only for bnb and NNCF" in v.reason
     diffusers_quant.install()
-    with pytest.raises(PlanRefused, match=r"text_encoder_2 \(text_encoder\).*transformer/UNet component only"):
+    with pytest.raises(
+        PlanRefused, match=r"text_encoder_2 \(text_encoder\).*transformer/UNet component only"
+    ):
         T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", quant="text_encoder_2=gguf:q8_0")
     # an all-in-one file: transformer plus text encoder and VAE tensors
     state, _ = flux_state
@@ -137,7 +141,9 @@ def test_refusals_have_reason_and_fix(tmp_path, flux_path, flux_state):
     mixed["cond_stage_model.transformer.embeddings.weight"] = torch.zeros(4, 4)
     path = tmp_path / "all-in-one.gguf"
     write_gguf(path, mixed, "Q8_0", arch="sd", config=None)
-    with pytest.raises(QuantError, match=r"all-in-one GGUF \(it also holds cond_stage_model, first_stage_model\)"):
+    with pytest.raises(
+        QuantError, match=r"all-in-one GGUF \(it also holds cond_stage_model, first_stage_model\)"
+    ):
         FluxTransformer2DModel.from_single_file(str(path), config=str(flux_path), subfolder="transformer")
     from diffusers import FluxPipeline
 
@@ -157,8 +163,7 @@ def test_bad_files_give_clear_errors(tmp_path, flux_state, flux_path, sd_path):
         FluxTransformer2DModel.from_single_file(str(truncated))
     # a file whose tensors do not fit the model it is loaded into
     with pytest.raises(QuantError, match=r"has no place in UNet2DConditionModel|expects"):
-        UNet2DConditionModel.from_single_file(str(path), config=str(sd_path),
-                                              subfolder="unet")
+        UNet2DConditionModel.from_single_file(str(path), config=str(sd_path), subfolder="unet")
     assert path.read_bytes() == data, "loading never writes to the file"
 
 
@@ -179,14 +184,22 @@ def test_host_memory_during_load_stays_far_below_the_file_size(tmp_path):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
-                                   num_attention_heads=6, joint_attention_dim=768, pooled_projection_dim=256,
-                                   axes_dims_rope=(16, 56, 56))
+    model = FluxTransformer2DModel(
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=128,
+        num_attention_heads=6,
+        joint_attention_dim=768,
+        pooled_projection_dim=256,
+        axes_dims_rope=(16, 56, 56),
+    )
     path = tmp_path / "wide.gguf"
     write_gguf(path, model.state_dict(), "Q8_0", arch="flux", config=portable_config(model.config))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", DIFFUSERS_QUANT_PROGRESS="0")
-    out = subprocess.run([sys.executable, "-c", HOST_SCRIPT, str(path)], capture_output=True, text=True, env=env,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", HOST_SCRIPT, str(path)], capture_output=True, text=True, env=env, check=True
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     size = path.stat().st_size
     print(f"file {size / 2**20:.1f} MiB, host RssAnon growth during load {result['growth'] / 2**20:.1f} MiB")
@@ -201,10 +214,13 @@ def test_offload_keeps_gguf_bytes_packed(offload, tmp_path, flux_state, flux_pat
 
     path = _write(tmp_path, flux_state, "Q4_0")
     diffusers_quant.install()
-    pipe = FluxPipeline.from_pretrained(flux_path, dtype=torch.bfloat16,
-                                        quant=f"transformer=gguf:{path};offload={offload};device=cuda")
+    pipe = FluxPipeline.from_pretrained(
+        flux_path, dtype=torch.bfloat16, quant=f"transformer=gguf:{path};offload={offload};device=cuda"
+    )
     layer = pipe.transformer.transformer_blocks[0].ff.net[2]
     before = layer.weight.detach().to("cpu").clone()
     assert generate(pipe).shape == (64, 64, 3)
     assert layer.weight.dtype == torch.uint8
-    assert torch.equal(layer.weight.detach().to("cpu"), before), "packed bytes must survive the moves unchanged"
+    assert torch.equal(layer.weight.detach().to("cpu"), before), (
+        "packed bytes must survive the moves unchanged"
+    )
