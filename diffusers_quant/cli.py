@@ -122,12 +122,16 @@ def _component_folder(path: str, component: str | None) -> tuple[str, str]:
         names = [n for n in ("transformer", "unet") if isinstance(index.get(n), list)]
         component = component or (names[0] if names else None)
         if not component or not os.path.isdir(os.path.join(path, component)):
-            raise QuantError(f"{path}: no component {component!r}; fix: --component one of "
-                             f"{', '.join(k for k, v in index.items() if isinstance(v, list))}")
+            raise QuantError(
+                f"{path}: no component {component!r}; fix: --component one of "
+                f"{', '.join(k for k, v in index.items() if isinstance(v, list))}"
+            )
         return os.path.join(path, component), component
     if os.path.isfile(os.path.join(path, "config.json")):
         return path, component or os.path.basename(os.path.normpath(path))
-    raise QuantError(f"{path!r} is neither a pipeline folder (model_index.json) nor a model folder (config.json)")
+    raise QuantError(
+        f"{path!r} is neither a pipeline folder (model_index.json) nor a model folder (config.json)"
+    )
 
 
 def _model_class(folder: str):
@@ -172,13 +176,20 @@ def cmd_quantize(args) -> int:
         get_backend("gguf").require()
         model = cls.from_pretrained(folder)
         keep = DEFAULT_EXCLUDE.get(kind, ())
-        written = write_gguf(args.out, model.state_dict(), spec.qtype.upper(), arch=cls.__name__,
-                             config=portable_config(model.config), keep_full_precision=lambda key, _t: _matches_full(
-                                 key.rpartition(".")[0], keep))
+        written = write_gguf(
+            args.out,
+            model.state_dict(),
+            spec.qtype.upper(),
+            arch=cls.__name__,
+            config=portable_config(model.config),
+            keep_full_precision=lambda key, _t: _matches_full(key.rpartition(".")[0], keep),
+        )
         counts: dict[str, int] = {}
         for t in written.values():
             counts[t] = counts.get(t, 0) + 1
-        print(f"wrote {args.out}: {len(written)} tensors ({', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))})")
+        print(
+            f"wrote {args.out}: {len(written)} tensors ({', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))})"
+        )
         return 0
     from . import install, save_quantized
     from .spec import Plan
@@ -209,15 +220,19 @@ def cmd_inspect(args) -> int:
         print(f"GGUF v{f.version}: {len(f.tensors)} tensors, {os.path.getsize(args.path) / 2**20:.1f} MiB")
         print(f"architecture: {f.architecture}; key format: {detect_key_format(f.names())}")
         print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
-        print("embedded config: " + ("yes" if "diffusers_quant.config" in f.metadata else "no (pass config=)"))
+        print(
+            "embedded config: " + ("yes" if "diffusers_quant.config" in f.metadata else "no (pass config=)")
+        )
         return 0
     from .saving import read_quant_metadata
 
     meta = read_quant_metadata(args.path) if os.path.isdir(args.path) else None
     if meta:
         kinds = sorted({f"{e['backend']}:{e['config'].get('qtype')}" for e in meta["layers"].values()})
-        print(f"saved by diffusers_quant: {len(meta['layers'])} quantized layers ({', '.join(kinds)}), "
-              f"dtype {meta['dtype']}")
+        print(
+            f"saved by diffusers_quant: {len(meta['layers'])} quantized layers ({', '.join(kinds)}), "
+            f"dtype {meta['dtype']}"
+        )
         return 0
     print(f"{args.path}: no pre-quantized format recognised (plain checkpoint)")
     return 0
@@ -266,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("model", help="pipeline folder or model folder")
     qnt.add_argument("--quant", required=True, help="one spec, e.g. gguf:q8_0 or nncf:int8")
     qnt.add_argument("--out", required=True, help="file.gguf for gguf specs, else a new folder")
-    qnt.add_argument("--component", help="which component of a pipeline folder (default: transformer or unet)")
+    qnt.add_argument(
+        "--component", help="which component of a pipeline folder (default: transformer or unet)"
+    )
     qnt.add_argument("--dtype", default=None)
     qnt.set_defaults(func=cmd_quantize)
 

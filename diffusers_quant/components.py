@@ -49,8 +49,16 @@ def is_transformers_class(cls: type | str) -> bool:
 # not every block's proj_out; user include/exclude patterns also match any dotted suffix.
 DEFAULT_EXCLUDE: dict[str, tuple[str, ...]] = {
     "transformer": (
-        "x_embedder", "context_embedder", "*embedder*", "*embed", "pos_embed*", "proj_out", "norm_out.*",
-        "time_text_embed.*", "time_embed*", "*timestep_embedder*",
+        "x_embedder",
+        "context_embedder",
+        "*embedder*",
+        "*embed",
+        "pos_embed*",
+        "proj_out",
+        "norm_out.*",
+        "time_text_embed.*",
+        "time_embed*",
+        "*timestep_embedder*",
     ),
     "unet": ("conv_in", "conv_out", "time_embedding.*", "add_embedding.*", "class_embedding*"),
     "controlnet": ("conv_in", "time_embedding.*", "add_embedding.*", "controlnet_cond_embedding.*"),

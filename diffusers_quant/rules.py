@@ -44,7 +44,8 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule(
-        backend="gguf", kind="text_encoder|vae|controlnet",
+        backend="gguf",
+        kind="text_encoder|vae|controlnet",
         reason="GGUF files (and GGUF quantization) are for the transformer/UNet component only",
         fix="quantize text encoders with bnb, quanto or nncf",
     ),
@@ -94,19 +95,23 @@ RULES: tuple[Rule, ...] = (
         fix="use offload=model, or a bnb/nncf spec",
     ),
     Rule(
-        backend="bnb", qtype="int8", offload="model|balanced",
+        backend="bnb",
+        qtype="int8",
+        offload="model|balanced",
         reason="bitsandbytes 0.50 keeps LLM.int8 state behind when a layer moves between devices and fails with "
         "'Expected a cuda device, but got: cpu' (seen on an H100)",
         fix="use bnb:nf4 / bnb:fp4 with offload=model, or offload=none",
     ),
     Rule(
-        backend="bnb", offload="balanced",
+        backend="bnb",
+        offload="balanced",
         reason="accelerate rebuilds the bnb 4-bit layers a balanced map puts on the CPU from a weights map and "
         "fails with 'Tensor.item() cannot be called on meta tensors' (seen on an H100); not supported yet",
         fix="use offload=model, or an nncf spec for a balanced split",
     ),
     Rule(
-        backend="gguf", offload="sequential",
+        backend="gguf",
+        offload="sequential",
         reason="accelerate's sequential offload rebuilds GGUF layers from a weights map and fails with 'Cannot "
         "copy out of meta tensor' (seen on an H100); not supported yet",
         fix="use offload=model (tested: packed bytes stay packed through the moves)",

@@ -1,7 +1,8 @@
 """On-load quantization: build the model on the meta device, then stream the checkpoint tensor by tensor.
 
-Each Linear chosen for quantization is materialised on the target device from its own tensors only,
-quantized and swapped in; every other tensor is placed directly.  The full-precision component is never
+Each Linear chosen for quantization is materialised on the host from its own tensors only, quantized for
+the target device (moved there whole, or block by block where the backend can) and swapped in; every other
+tensor is placed directly.  The full-precision component is never
 resident on the target device, and the host holds one tensor at a time beyond the memory map.
 
 ``plan_stream`` only reads headers and config, so a load that cannot be streamed (``.bin`` weights, keys
@@ -120,10 +121,11 @@ def stream_load(
             for key in f.keys():
                 layer, _, pname = key.rpartition(".")
                 if layer in selected:
-                    tensor = f.get_tensor(key).to(device=device, dtype=dtype or None)
+                    # Kept on the host: the backend moves it to the device (in blocks of rows where it can).
+                    tensor = f.get_tensor(key).to(dtype=dtype or None)
                     pending.setdefault(layer, {})[pname] = tensor
                     if set(pending[layer]) == expected[layer]:
-                        _quantize_layer(model, layer, pending.pop(layer), spec, compute_dtype)
+                        _quantize_layer(model, layer, pending.pop(layer), spec, compute_dtype, device)
                 elif key in plan.keys and _is_model_key(model, key):
                     tensor = f.get_tensor(key)
                     value_dtype = None
@@ -167,10 +169,11 @@ def _quantize_layer(
     tensors: dict[str, torch.Tensor],
     spec: Spec,
     compute_dtype: torch.dtype,
+    device: torch.device | str,
 ) -> None:
     meta = model.get_submodule(name)
     linear = torch.nn.Linear(meta.in_features, meta.out_features, bias="bias" in tensors, device="meta")
     linear.weight = torch.nn.Parameter(tensors["weight"], requires_grad=False)
     if "bias" in tensors:
         linear.bias = torch.nn.Parameter(tensors["bias"], requires_grad=False)
-    quantize_linear_into(model, name, linear, spec, compute_dtype)
+    quantize_linear_into(model, name, linear, spec, compute_dtype, device)

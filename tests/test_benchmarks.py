@@ -28,8 +28,18 @@ def _bench_module():
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory, flux_path):
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, str(BENCH), "--device", "cpu", "--model", "tiny", "--rows", ",".join(ROWS[1:]),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--device",
+        "cpu",
+        "--model",
+        "tiny",
+        "--rows",
+        ",".join(ROWS[1:]),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
@@ -42,7 +52,15 @@ def test_results_json_has_the_rows_with_finite_figures(bench_run):
     assert set(rows) == set(ROWS)
     for row in rows.values():
         assert row["status"] == "ok", row.get("note")
-        for key in ("load_s", "step_ms", "model_bytes", "checkpoint_bytes", "step_ratio", "mem_ratio", "load_ratio"):
+        for key in (
+            "load_s",
+            "step_ms",
+            "model_bytes",
+            "checkpoint_bytes",
+            "step_ratio",
+            "mem_ratio",
+            "load_ratio",
+        ):
             assert math.isfinite(row[key]) and row[key] > 0, (row["id"], key, row[key])
         assert row["host_peak_growth"] >= 0
     assert rows["bf16"]["rel_l2"] == 0

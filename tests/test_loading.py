@@ -152,7 +152,9 @@ def test_quantize_an_already_loaded_model(flux_path):
     assert row.mode == "post-load" and row.layers_quantized > 0 and row.bytes_after < row.bytes_before
     assert type(model.transformer_blocks[0].attn.to_q).__name__ == "NNCFLinear"
     with pytest.raises(diffusers_quant.PlanRefused, match=r"transformer/UNet component only"):
-        diffusers_quant.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)), "gguf:q8_0", kind="text_encoder")
+        diffusers_quant.quantize(
+            torch.nn.Sequential(torch.nn.Linear(64, 64)), "gguf:q8_0", kind="text_encoder"
+        )
 
 
 def test_pipeline_from_single_file_quantizes_after_load(flux_path, tmp_path):
@@ -168,12 +170,15 @@ def test_pipeline_from_single_file_quantizes_after_load(flux_path, tmp_path):
     shutil.copy(flux_path / "transformer" / "diffusion_pytorch_model.safetensors", single)
     # diffusers expects text encoders and VAE inside a Flux single file unless they are passed in
     bf16 = {"dtype": torch.bfloat16}
-    parts = dict(text_encoder=CLIPTextModel.from_pretrained(flux_path / "text_encoder", **bf16),
-                 text_encoder_2=T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", **bf16),
-                 vae=AutoencoderKL.from_pretrained(flux_path / "vae", **bf16))
+    parts = dict(
+        text_encoder=CLIPTextModel.from_pretrained(flux_path / "text_encoder", **bf16),
+        text_encoder_2=T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", **bf16),
+        vae=AutoencoderKL.from_pretrained(flux_path / "vae", **bf16),
+    )
     diffusers_quant.install()
-    pipe = FluxPipeline.from_single_file(str(single), config=str(flux_path), dtype=torch.bfloat16,
-                                         quant="transformer=quanto:qint8", **parts)
+    pipe = FluxPipeline.from_single_file(
+        str(single), config=str(flux_path), dtype=torch.bfloat16, quant="transformer=quanto:qint8", **parts
+    )
     assert pipe.quant_report["transformer"].mode == "post-load"
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "QLinear"
     assert generate(pipe).shape == (64, 64, 3)

@@ -69,7 +69,9 @@ def test_checker_reports_all_problems_at_once():
 
 def test_readme_shows_the_generated_table():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert readme_section() in readme, "README table is stale: run `python -m diffusers_quant.rules --update-readme`"
+    assert readme_section() in readme, (
+        "README table is stale: run `python -m diffusers_quant.rules --update-readme`"
+    )
     assert markdown_table() in readme and refusals_markdown() in readme
 
 
@@ -131,4 +133,6 @@ def test_every_allowed_cuda_cell_runs(spec, kind, offload, flux_path, sd_path, t
         component = getattr(pipe, "text_encoder" if kind == "text_encoder" else kind)
         assert component.hf_device_map, "a balanced map must have placed the component"
         if kind in ("transformer", "unet"):  # the small CLIP encoder fits the budget whole
-            assert "cpu" in set(component.hf_device_map.values()), "the tiny GPU budget must split the component"
+            assert "cpu" in set(component.hf_device_map.values()), (
+                "the tiny GPU budget must split the component"
+            )

@@ -68,9 +68,16 @@ class Backend:
         return True
 
     def quantize_linear(
-        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+        self,
+        linear: torch.nn.Linear,
+        spec: Spec,
+        compute_dtype: torch.dtype,
+        device: torch.device | str | None = None,
     ) -> torch.nn.Module:
-        """Return a quantized replacement for ``linear`` on the device its weight is on."""
+        """Return a quantized replacement for ``linear`` on ``device`` (default: where its weight is).
+
+        ``linear`` may still be on the CPU when ``device`` is a GPU: a backend that quantizes in blocks of
+        rows moves one block at a time, so the full-precision layer is never whole on the device."""
         raise NotImplementedError
 
     def owns(self, module: torch.nn.Module) -> bool:

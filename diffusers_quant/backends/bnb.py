@@ -52,7 +52,11 @@ class BnbBackend(Backend):
         return 0.5 + scale_bytes / blocksize
 
     def quantize_linear(
-        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+        self,
+        linear: torch.nn.Linear,
+        spec: Spec,
+        compute_dtype: torch.dtype,
+        device: torch.device | str | None = None,
     ) -> torch.nn.Module:
         self.require()
         import bitsandbytes as bnb
@@ -60,8 +64,9 @@ class BnbBackend(Backend):
 
         from ..spec import normalize_dtype
 
+        # bitsandbytes quantizes a whole weight at once, on the device it is moved to.
         weight = linear.weight.detach()
-        device = weight.device
+        device = torch.device(device) if device is not None else weight.device
         has_bias = linear.bias is not None
         if spec.qtype == "int8":
             threshold = float(spec.option("threshold", "6.0"))

@@ -48,13 +48,21 @@ class NncfBackend(Backend):
         return bytes_per_param(spec.qtype, self.group_size(spec))
 
     def quantize_linear(
-        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+        self,
+        linear: torch.nn.Linear,
+        spec: Spec,
+        compute_dtype: torch.dtype,
+        device: torch.device | str | None = None,
     ) -> torch.nn.Module:
         self.require()
         from .nncf_ops import compress_linear
 
         return compress_linear(
-            linear, spec.qtype, group_size=self.group_size(spec), compute_dtype=compute_dtype
+            linear,
+            spec.qtype,
+            group_size=self.group_size(spec),
+            compute_dtype=compute_dtype,
+            device=device,
         )
 
     def layer_config(self, module: torch.nn.Module) -> dict | None:

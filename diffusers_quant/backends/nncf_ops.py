@@ -354,6 +354,7 @@ def compress_linear(
     group_size: int = 64,
     compute_dtype: torch.dtype | None = None,
     min_adjusted_group_size: int = 32,
+    device: torch.device | str | None = None,
 ) -> NNCFLinear:
     """Compress one ``nn.Linear`` with NNCF's weight-lowering math, without a dataset or tracing.
 
@@ -372,6 +373,9 @@ def compress_linear(
 
     ``compute_dtype``: dtype the forward decompresses to and multiplies in (input cast to it, output cast
     back); default is the input's dtype.
+
+    ``device``: where the compressed layer goes (default: the weight's device). The weight is moved there
+    one block of rows at a time, so a CPU layer compressed for the GPU never sits whole on the GPU.
     """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"compress_linear expects nn.Linear, got {type(linear).__name__}")
@@ -400,12 +404,13 @@ def compress_linear(
             eff_qtype,
             eff_group_size,
             dtype=bias.dtype if bias is not None else weight.dtype,
-            device=weight.device,
+            device=device if device is not None else weight.device,
             compute_dtype=compute_dtype,
         )
         # Block by block straight into the layer's buffers: no full-size temporary of the largest layer.
         for rows in _row_blocks(weight, eff_qtype):
-            _store_rows(layer, rows, *_nncf_compress(weight[rows], eff_qtype, eff_group_size))
+            block = weight[rows].to(layer.weight.device)
+            _store_rows(layer, rows, *_nncf_compress(block, eff_qtype, eff_group_size))
         if bias is not None:
             layer.bias.copy_(bias.detach())
     return layer

@@ -1,14 +1,20 @@
 """optimum-quanto: qint8, qint4, qint2, qfloat8 weights, on CPU and CUDA.
 
 Uses quanto's own ``QLinear`` (the maintained API) rather than diffusers' deprecated ``QuantoConfig``.
-Each layer is quantized and frozen on its own, so a full-precision copy of the model never coexists
-with the quantized one. Within a layer, weights are quantized in blocks of rows written into the final
-buffers: quanto's own ``freeze()`` makes several full-size temporaries of the largest layer (2.4x the
-resident model at peak for qint4 on an H100), blocks keep them to a few MB.
+Each layer is quantized on its own, so a full-precision copy of the model never coexists with the
+quantized one. Within a layer, blocks of rows are moved to the device and quantized into the final
+buffers: the full-precision layer is never whole on the device and quanto's full-size temporaries stay
+a few MB. The result equals ``QLinear.freeze()`` bit for bit (tests check it).
+
+2- and 4-bit weights keep quanto's portable layout, dequantized on the fly for cuBLAS, even where quanto
+would repack int4 for tinygemm: tinygemm is a matrix-vector kernel, 13x slower than dequantize + matmul
+at a diffusion transformer's 4,608 tokens (H100, one 3072 x 12288 Linear: 11.8 ms against 0.89 ms, bf16
+0.45 ms; ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,16 +55,31 @@ class QuantoBackend(Backend):
         return _BITS[spec.qtype] == 8 or linear.in_features % _GROUP == 0
 
     def quantize_linear(
-        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+        self,
+        linear: torch.nn.Linear,
+        spec: Spec,
+        compute_dtype: torch.dtype,
+        device: torch.device | str | None = None,
     ) -> torch.nn.Module:
         self.require()
         from optimum import quanto
 
         qtype = getattr(quanto, _QTYPE_NAMES[spec.qtype])
-        layer = quanto.QLinear.from_module(linear, weights=qtype, activations=None)
+        layer = quanto.QLinear.from_module(linear, weights=qtype, activations=None)  # shares linear's tensors
+        device = torch.device(device) if device is not None else linear.weight.device
         with torch.no_grad():
-            qweight = quantize_in_row_blocks(layer.weight, qtype, layer.optimizer, layer.weight_group_size)
+            qweight = quantize_in_row_blocks(
+                layer.weight, qtype, layer.optimizer, layer.weight_group_size, device=device
+            )
         layer.weight = torch.nn.Parameter(qweight, requires_grad=False)
+        # The rest (bias, activation scales) is small: move it whole.
+        for module_tensors in (layer._parameters, layer._buffers):
+            for name, tensor in module_tensors.items():
+                if name != "weight" and tensor is not None and tensor.device != device:
+                    moved = tensor.detach().to(device)
+                    module_tensors[name] = (
+                        torch.nn.Parameter(moved, False) if name in layer._parameters else moved
+                    )
         layer.requires_grad_(False)
         return layer
 
@@ -68,99 +89,104 @@ _BLOCK_ELEMENTS = 1 << 20
 
 
 def quantize_in_row_blocks(
-    weight, qtype, optimizer, group_size: int | None, block_elements: int = _BLOCK_ELEMENTS
-):
-    """What ``QLinear.freeze()`` stores for ``weight``, computed over blocks of output rows.
+    weight: torch.Tensor,
+    qtype,
+    optimizer,
+    group_size: int | None,
+    block_elements: int = _BLOCK_ELEMENTS,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """quanto's quantized ``weight`` on ``device`` (default: the weight's), computed over blocks of rows.
 
     Scales (and shifts) are per row, or per group of ``group_size`` inputs within a row, so each block's
-    result equals the matching rows of the whole-weight result (a test checks it bit for bit).
+    result equals the matching rows of the whole-weight result. 8-bit types get quanto's own layout for
+    the device (Marlin for float8 on recent GPUs); 2/4-bit types the portable one (see the module doc).
     """
-    from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor, quantize_weight
+    from optimum.quanto.tensor.weights import WeightQBytesTensor, quantize_weight
 
+    device = torch.device(device) if device is not None else weight.device
     rows, cols = weight.shape
-    # A multiple of 64 rows: tinygemm packs int4 weights in tiles of output rows (8 on CUDA, 64 on CPU).
-    block = max(64, block_elements // max(1, cols) // 64 * 64)
-    if rows <= block or rows % 16:
-        return _quantize_whole(weight, qtype, optimizer, group_size, quantize_weight)
+    block = max(1, block_elements // max(1, cols))
+    blocks = [slice(i, min(i + block, rows)) for i in range(0, rows, block)]
     if qtype.bits == 8:
-        data = torch.empty(weight.shape, dtype=qtype.dtype, device=weight.device)
-        scale = torch.empty((rows, 1), dtype=weight.dtype, device=weight.device)
-        for i in range(0, rows, block):
-            part = weight[i : i + block]
+        data = torch.empty(weight.shape, dtype=qtype.dtype, device=device)
+        scale = torch.empty((rows, 1), dtype=weight.dtype, device=device)
+        for span in blocks:
+            part = weight[span].to(device)
             q = quantize_weight(
                 part, qtype=qtype, axis=0, scale=optimizer(part, qtype=qtype, axis=0), optimized=False
             )
-            data[i : i + block] = q._data
-            scale[i : i + block] = q._scale
+            data[span] = q._data
+            scale[span] = q._scale
         return WeightQBytesTensor.create(qtype, 0, weight.size(), weight.stride(), data, scale)
-    packed = _tinygemm_in_row_blocks(weight, qtype, optimizer, group_size, block, quantize_weight)
-    if packed is not None:
-        return packed
-    # Portable packing (quanto's create() then picks a kernel layout for the whole layer).
-    groups = cols // group_size
-    data = torch.empty((rows * groups, group_size), dtype=torch.uint8, device=weight.device)
-    scale = torch.empty((rows * groups, 1), dtype=weight.dtype, device=weight.device)
+    # quanto leaves rows of at most 128 inputs ungrouped (group_size None): one group per row.
+    width = group_size or cols
+    groups = cols // width
+    data = torch.empty((rows * groups, width), dtype=torch.uint8, device=device)
+    scale = torch.empty((rows * groups, 1), dtype=weight.dtype, device=device)
     shift = torch.empty_like(scale)
-    for i in range(0, rows, block):
-        q = _quantize_bits(
-            weight[i : i + block], qtype, optimizer, group_size, quantize_weight, optimized=False
+    for span in blocks:
+        part = weight[span].to(device)
+        part_scale, part_shift = optimizer(part, qtype=qtype, axis=0, group_size=group_size)
+        q = quantize_weight(
+            part,
+            qtype=qtype,
+            axis=0,
+            scale=part_scale,
+            shift=part_shift,
+            group_size=group_size,
+            optimized=False,
         )
-        span = slice(i * groups, (i + block) * groups)
-        data[span] = q._data.unpack()
-        scale[span] = q._scale
-        shift[span] = q._shift
-    return WeightQBitsTensor.create(qtype, 0, group_size, weight.size(), weight.stride(), data, scale, shift)
+        grouped = slice(span.start * groups, span.stop * groups)
+        data[grouped] = q._data.unpack()
+        scale[grouped] = q._scale
+        shift[grouped] = q._shift
+    return portable_class()(qtype, 0, group_size, weight.size(), weight.stride(), data, scale, shift)
 
 
-def _quantize_whole(weight, qtype, optimizer, group_size, quantize_weight):
-    if qtype.bits == 8:
-        return quantize_weight(weight, qtype=qtype, axis=0, scale=optimizer(weight, qtype=qtype, axis=0))
-    return _quantize_bits(weight, qtype, optimizer, group_size, quantize_weight, optimized=True)
+@functools.cache
+def portable_class() -> type:
+    """A quanto ``WeightQBitsTensor`` that keeps its portable layout when moved between devices.
 
+    quanto repacks int4 weights for tinygemm on every move to the CPU or a CUDA device (see the module
+    doc for why that is slow here); this subclass moves its packed data, scales and shifts as they are.
+    Saved, it is an ordinary ``WeightQBitsTensor``.
+    """
+    from optimum.quanto.tensor.weights import WeightQBitsTensor
 
-def _quantize_bits(weight, qtype, optimizer, group_size, quantize_weight, *, optimized: bool):
-    scale, shift = optimizer(weight, qtype=qtype, axis=0, group_size=group_size)
-    return quantize_weight(
-        weight, qtype=qtype, axis=0, scale=scale, shift=shift, group_size=group_size, optimized=optimized
-    )
+    class PortableWeightQBitsTensor(WeightQBitsTensor):
+        @staticmethod
+        def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
+            base = WeightQBitsTensor.__tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride)
+            return PortableWeightQBitsTensor._wrap(base)
 
-
-def _tinygemm_in_row_blocks(weight, qtype, optimizer, group_size, block, quantize_weight):
-    """The tinygemm layout (bf16 int4 on CPU and CUDA) block by block, or None if quanto picks another.
-
-    Tinygemm tiles rows independently (8 per tile on CUDA, 64 on CPU), so the packed blocks stack along
-    their first dimension and the (groups, rows, 2) scale-and-shift blocks along their second."""
-    from optimum.quanto.tensor.weights.tinygemm import TinyGemmWeightQBitsTensor
-    from optimum.quanto.tensor.weights.tinygemm.packed import TinyGemmPackedTensor
-
-    rows = weight.shape[0]
-    packed = scale_shift = None
-    parts = []
-    for i in range(0, rows, block):
-        q = _quantize_bits(
-            weight[i : i + block], qtype, optimizer, group_size, quantize_weight, optimized=True
-        )
-        if type(q) is not TinyGemmWeightQBitsTensor:
-            return None
-        data = q._data._data
-        n = weight[i : i + block].shape[0]
-        if packed is None:
-            if (data.shape[0] * rows) % n:
-                return None
-            packed = torch.empty(
-                (data.shape[0] * rows // n, *data.shape[1:]), dtype=data.dtype, device=data.device
+        @staticmethod
+        def _wrap(t) -> PortableWeightQBitsTensor:
+            return PortableWeightQBitsTensor(
+                t._qtype, t._axis, t._group_size, t.size(), t.stride(), t._data, t._scale, t._shift
             )
-        start = data.shape[0] * i // n
-        packed[start : start + data.shape[0]] = data
-        parts.append(q._scale_shift)
-        del q
-    scale_shift = torch.cat(parts, dim=1)
-    return TinyGemmWeightQBitsTensor(
-        qtype,
-        0,
-        group_size,
-        weight.size(),
-        weight.stride(),
-        TinyGemmPackedTensor(packed, weight.size(), weight.stride()),
-        scale_shift,
-    )
+
+        @classmethod
+        def __torch_dispatch__(cls, op, types, args, kwargs=None):
+            if op.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to):
+                t, kwargs = args[0], dict(kwargs or {})
+                if kwargs.pop("dtype", t.dtype) != t.dtype:
+                    raise ValueError("the dtype of a quantized quanto weight cannot be changed")
+                device = kwargs.pop("device", t.device)
+                inner = [op(x, device=device, **kwargs) for x in (t._data, t._scale, t._shift)]
+                return cls(t._qtype, t._axis, t._group_size, t.size(), t.stride(), *inner)
+            return super().__torch_dispatch__(op, types, args, kwargs)
+
+        def weight_qbits_tensor(self):
+            return WeightQBitsTensor(
+                self._qtype,
+                self._axis,
+                self._group_size,
+                self.size(),
+                self.stride(),
+                self._data,
+                self._scale,
+                self._shift,
+            )
+
+    return PortableWeightQBitsTensor

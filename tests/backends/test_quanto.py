@@ -1,4 +1,4 @@
-"""quanto's weights quantized in blocks of rows must be exactly what ``QLinear.freeze()`` stores."""
+"""quanto weights quantized in blocks of rows: exactly quanto's own result, kept portable through moves."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import torch
 
 quanto = pytest.importorskip("optimum.quanto")
 
-from diffusers_quant.backends.quanto import quantize_in_row_blocks  # noqa: E402
+from optimum.quanto.tensor.weights import WeightQBitsTensor, quantize_weight  # noqa: E402
+
+from diffusers_quant.backends import get_backend  # noqa: E402
+from diffusers_quant.backends.quanto import portable_class, quantize_in_row_blocks  # noqa: E402
+from diffusers_quant.post_load import state_nbytes  # noqa: E402
+from diffusers_quant.spec import Spec  # noqa: E402
 
 QTYPES = ("qint8", "qint4", "qint2", "qfloat8")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def _inner(tensor) -> dict[str, torch.Tensor]:
@@ -24,72 +30,128 @@ def _inner(tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def _frozen_and_blocked(linear: torch.nn.Linear, qtype: str, block_elements: int):
-    reference = quanto.QLinear.from_module(linear, weights=getattr(quanto, qtype))
-    reference.freeze()
+def _reference(linear: torch.nn.Linear, qtype: str):
+    """What quanto stores for this layer: freeze() for 8-bit; for 2/4-bit its portable (unoptimized)
+    layout, which freeze() would repack for tinygemm on bf16 int4."""
+    layer = quanto.QLinear.from_module(linear, weights=getattr(quanto, qtype))
+    if layer.weight_qtype.bits == 8:
+        layer.freeze()
+        return layer.weight
+    scale, shift = layer.optimizer(
+        layer.weight, qtype=layer.weight_qtype, axis=0, group_size=layer.weight_group_size
+    )
+    return quantize_weight(
+        layer.weight.detach(),
+        qtype=layer.weight_qtype,
+        axis=0,
+        scale=scale,
+        shift=shift,
+        group_size=layer.weight_group_size,
+        optimized=False,
+    )
+
+
+def _blocked(linear: torch.nn.Linear, qtype: str, block_elements: int, device=None):
     layer = quanto.QLinear.from_module(linear, weights=getattr(quanto, qtype))
     with torch.no_grad():
-        blocked = quantize_in_row_blocks(
-            layer.weight, getattr(quanto, qtype), layer.optimizer, layer.weight_group_size, block_elements
+        return quantize_in_row_blocks(
+            layer.weight, layer.weight_qtype, layer.optimizer, layer.weight_group_size, block_elements, device
         )
-    layer.weight = torch.nn.Parameter(blocked, requires_grad=False)
-    return reference, layer
 
 
-def _assert_identical(reference, layer, dtype, device):
-    assert type(layer.weight) is type(reference.weight)
-    want, got = _inner(reference.weight), _inner(layer.weight)
-    assert want.keys() == got.keys()
+def _assert_same_weight(reference, got):
+    want, have = _inner(reference), _inner(got)
+    assert want.keys() == have.keys()
     for name in want:
-        assert want[name].shape == got[name].shape, name
-        assert torch.equal(want[name], got[name]), name
-    x = torch.randn(5, layer.in_features, dtype=dtype, device=device)
-    assert torch.equal(reference(x), layer(x))
+        assert want[name].shape == have[name].shape, name
+        assert torch.equal(want[name], have[name]), name
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_row_blocks_match_freeze_on_cpu(qtype, dtype):
+@pytest.mark.parametrize("in_features", [256, 128], ids=["grouped", "one-group-per-row"])
+def test_row_blocks_equal_quantos_result_on_cpu(qtype, dtype, in_features):
     torch.manual_seed(0)
-    # 336 rows in blocks of 64: five full blocks and a 16-row tail (tinygemm's CPU tiles are 64 rows).
-    linear = torch.nn.Linear(256, 336, dtype=dtype)
-    reference, layer = _frozen_and_blocked(linear, qtype, block_elements=256 * 64)
-    _assert_identical(reference, layer, dtype, "cpu")
+    linear = torch.nn.Linear(in_features, 330, dtype=dtype)  # 6 rows per block: 55 blocks, the last short
+    reference = _reference(linear, qtype)
+    blocked = _blocked(linear, qtype, block_elements=in_features * 6)
+    _assert_same_weight(reference, blocked)
+    if qtype in ("qint4", "qint2"):
+        assert type(blocked) is portable_class()
+    else:
+        assert type(blocked) is type(reference)
+    x = torch.randn(5, in_features, dtype=dtype)
+    expected = torch.nn.functional.linear(x, reference, linear.bias)
+    torch.testing.assert_close(torch.nn.functional.linear(x, blocked, linear.bias), expected, rtol=0, atol=0)
 
 
-def test_small_layers_take_quantos_own_path():
-    linear = torch.nn.Linear(128, 32, dtype=torch.bfloat16)
-    reference, layer = _frozen_and_blocked(linear, "qint4", block_elements=1 << 20)
-    _assert_identical(reference, layer, torch.bfloat16, "cpu")
+@pytest.mark.parametrize("qtype", ("qint4", "qint2"))
+def test_portable_weights_stay_portable_through_moves_and_save_as_quantos_own(qtype):
+    # quanto would repack bf16 int4 for tinygemm on any move; ours keeps the layout (the fast one here).
+    torch.manual_seed(0)
+    weight = _blocked(torch.nn.Linear(256, 64, dtype=torch.bfloat16), qtype, block_elements=256 * 16)
+    on_meta = weight.to("meta")  # a real device move, as CPU <-> CUDA is on the GPU machine
+    assert type(on_meta) is portable_class() and on_meta.device.type == "meta"
+    assert on_meta._data.device.type == on_meta._scale.device.type == "meta"
+    detached = weight.detach()
+    assert type(detached) is portable_class()
+    _assert_same_weight(weight, detached)
+    with pytest.raises(ValueError, match="dtype of a quantized quanto weight cannot be changed"):
+        weight.to(torch.float16)
+    saved = weight.weight_qbits_tensor()
+    assert type(saved) is WeightQBitsTensor
+    _assert_same_weight(weight, saved)
+
+
+def test_backend_layer_matches_quanto_and_reports_its_bytes_without_unpacking(monkeypatch):
+    """The report counts bytes from the tensors held: quanto's state_dict() would convert layouts (for
+    tinygemm int4 through an identity-matrix matmul, a 2.4x GPU peak on Flux-width)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128, dtype=torch.bfloat16)
+    layer = get_backend("quanto").quantize_linear(linear, Spec.parse("quanto:qint4"), torch.bfloat16)
+    expected = sum(t.numel() * t.element_size() for t in _inner(layer.weight).values())
+    expected += sum(t.numel() * t.element_size() for n, t in layer.named_buffers()) + 128 * 2  # bias
+    monkeypatch.setattr(
+        portable_class(),
+        "weight_qbits_tensor",
+        lambda self: pytest.fail("state_dict conversion during count"),
+    )
+    assert state_nbytes(layer) == expected
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x, _reference(linear, "qint4"), linear.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_row_blocks_match_freeze_on_cuda(qtype, dtype):
-    # bf16 int4 takes tinygemm's CUDA tiles, fp16 int4 AWQ, float8 Marlin: each must stay bit-identical.
+def test_host_weight_quantized_for_cuda_block_by_block(qtype, dtype):
+    # A CPU weight quantized for CUDA equals quanto's own result computed on CUDA (Marlin for float8).
     torch.manual_seed(0)
-    linear = torch.nn.Linear(512, 1344, dtype=dtype, device="cuda")
-    reference, layer = _frozen_and_blocked(linear, qtype, block_elements=512 * 64)
-    _assert_identical(reference, layer, dtype, "cuda")
+    linear = torch.nn.Linear(512, 1344, dtype=dtype)
+    reference = _reference(linear.cuda(), qtype)
+    blocked = _blocked(linear.cpu(), qtype, block_elements=512 * 64, device=torch.device("cuda"))
+    assert blocked.device.type == "cuda"
+    assert type(blocked) is (portable_class() if qtype in ("qint4", "qint2") else type(reference))
+    _assert_same_weight(reference, blocked)
+    moved = blocked.to("cpu").to("cuda")
+    assert type(moved) is type(blocked)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_blocks_keep_the_cuda_peak_near_the_weight(qtype):
-    """Flux's largest Linear (3072 x 15360): the peak above the bf16 weight stays within the stored result
-    plus a few MB, where freeze() alone allocates several full-size temporaries."""
-    linear = torch.nn.Linear(15360, 3072, bias=False, dtype=torch.bfloat16, device="cuda")
-    layer = quanto.QLinear.from_module(linear, weights=getattr(quanto, qtype))
+def test_cuda_peak_stays_near_the_result_for_flux_largest_linear(qtype):
+    """Flux's largest Linear (3072 x 15360), from the host: the GPU never holds it in bf16, only the
+    result plus a few MB of block temporaries."""
+    linear = torch.nn.Linear(15360, 3072, dtype=torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        qweight = quantize_in_row_blocks(
-            layer.weight, getattr(quanto, qtype), layer.optimizer, layer.weight_group_size
-        )
+    layer = get_backend("quanto").quantize_linear(
+        linear, Spec.parse(f"quanto:{qtype}"), torch.bfloat16, "cuda"
+    )
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - start
     stored = torch.cuda.memory_allocated() - start
-    assert qweight.shape == linear.weight.shape
+    assert layer.weight.device.type == "cuda" and layer.bias.device.type == "cuda"
     assert peak <= stored + 16 * 2**20, (qtype, peak / 2**20, stored / 2**20)

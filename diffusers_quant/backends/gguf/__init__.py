@@ -65,14 +65,20 @@ class GgufBackend(Backend):
         return is_file_spec(spec) or linear.in_features % QUANTIZE_TYPES[spec.qtype][0] == 0
 
     def quantize_linear(
-        self, linear: torch.nn.Linear, spec: Spec, compute_dtype: torch.dtype
+        self,
+        linear: torch.nn.Linear,
+        spec: Spec,
+        compute_dtype: torch.dtype,
+        device: torch.device | str | None = None,
     ) -> torch.nn.Module:
         self.require()
         from .nn import GGUFLinear
 
         if is_file_spec(spec):
             raise SpecError(f"{spec} names a file; it is loaded as it is, not used to quantize a layer")
-        return GGUFLinear.from_linear(linear, spec.qtype.upper(), compute_dtype=compute_dtype)
+        # gguf-py quantizes with numpy on the CPU; only the packed bytes go to the device.
+        layer = GGUFLinear.from_linear(linear, spec.qtype.upper(), compute_dtype=compute_dtype)
+        return layer if device is None else layer.to(device)
 
 
 def portable_config(config) -> dict:
