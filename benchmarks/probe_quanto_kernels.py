@@ -38,6 +38,12 @@ def probe(in_features: int, out_features: int, tokens: int = 4608) -> dict[str, 
         layer = quanto.QLinear.from_module(linear, weights=getattr(quanto, name))
         layer.freeze()  # quanto's own choice of layout and kernel
         out[f"{name} {type(layer.weight).__name__}"] = timed_ms(lambda layer=layer: layer(x))
+        if name == "qfloat8":
+            scale = layer.optimizer(linear.weight, qtype=quanto.qfloat8, axis=0)
+            w = quantize_weight(linear.weight.detach(), quanto.qfloat8, 0, scale, optimized=False)
+            out[f"qfloat8 {type(w).__name__} (not repacked)"] = timed_ms(
+                lambda w=w: torch.nn.functional.linear(x, w, linear.bias)
+            )
         if name == "qint4":
             # the portable layout: dequantize, then cuBLAS
             scale, shift = layer.optimizer(linear.weight, qtype=quanto.qint4, axis=0, group_size=128)

@@ -8,8 +8,9 @@ a few MB. The result equals ``QLinear.freeze()`` bit for bit (tests check it).
 
 2- and 4-bit weights keep quanto's portable layout, dequantized on the fly for cuBLAS, even where quanto
 would repack int4 for tinygemm: tinygemm is a matrix-vector kernel, 13x slower than dequantize + matmul
-at a diffusion transformer's 4,608 tokens (H100, one 3072 x 12288 Linear: 11.8 ms against 0.89 ms, bf16
-0.45 ms; ``benchmarks/results``).
+at a diffusion transformer's 4,608 tokens (H100, one 3072 x 12288 Linear: 11.8 ms against 0.95 ms, bf16
+0.46 ms). float8 weights likewise stay unrepacked: Marlin takes 1.10 ms there, dequantize + matmul 0.84 ms
+(``benchmarks/probe_quanto_kernels.py``, results under ``benchmarks/results/nvidia-h100``).
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def quantize_in_row_blocks(
     """quanto's quantized ``weight`` on ``device`` (default: the weight's), computed over blocks of rows.
 
     Scales (and shifts) are per row, or per group of ``group_size`` inputs within a row, so each block's
-    result equals the matching rows of the whole-weight result. 8-bit types get quanto's own layout for
-    the device (Marlin for float8 on recent GPUs); 2/4-bit types the portable one (see the module doc).
+    result equals the matching rows of the whole-weight result. All types keep quanto's portable layout
+    (see the module doc for why not its GPU kernels' layouts).
     """
     from optimum.quanto.tensor.weights import WeightQBytesTensor, quantize_weight
 
@@ -118,30 +119,56 @@ def quantize_in_row_blocks(
             )
             data[span] = q._data
             scale[span] = q._scale
-        return WeightQBytesTensor.create(qtype, 0, weight.size(), weight.stride(), data, scale)
+        # Not create(): it repacks float8 for Marlin on recent GPUs, whose matmul is slower here than
+        # dequantize + cuBLAS (see the module doc) and whose repacking triples the layer's GPU peak.
+        return WeightQBytesTensor(qtype, 0, weight.size(), weight.stride(), data, scale, None)
     # quanto leaves rows of at most 128 inputs ungrouped (group_size None): one group per row.
     width = group_size or cols
     groups = cols // width
-    data = torch.empty((rows * groups, width), dtype=torch.uint8, device=device)
     scale = torch.empty((rows * groups, 1), dtype=weight.dtype, device=device)
     shift = torch.empty_like(scale)
+    packed = _BlockPacker(rows * groups, width, qtype.bits, device)
     for span in blocks:
         part = weight[span].to(device)
         part_scale, part_shift = optimizer(part, qtype=qtype, axis=0, group_size=group_size)
-        q = quantize_weight(
-            part,
-            qtype=qtype,
-            axis=0,
-            scale=part_scale,
-            shift=part_shift,
-            group_size=group_size,
-            optimized=False,
-        )
         grouped = slice(span.start * groups, span.stop * groups)
-        data[grouped] = q._data.unpack()
-        scale[grouped] = q._scale
-        shift[grouped] = q._shift
+        scale[grouped] = part_scale
+        shift[grouped] = part_shift
+        # quanto's own quantizer (what quantize_weight runs), packed straight into the final buffer
+        packed.add(
+            grouped.start,
+            torch.ops.quanto.quantize_affine(part, qtype.bits, 0, group_size, part_scale, part_shift),
+        )
+    data = packed.tensor()
     return portable_class()(qtype, 0, group_size, weight.size(), weight.stride(), data, scale, shift)
+
+
+class _BlockPacker:
+    """quanto's ``PackedTensor`` for ``(rows, width)`` uint8 values, filled one block of rows at a time.
+
+    quanto packs ``8 // bits`` values per byte by stacking quarters (or halves) of the rows: packed row ``i``
+    holds rows ``i``, ``i + n``, ``i + 2n``... (``n`` = packed row count) at increasing bit offsets. A block
+    is OR-ed into the rows it maps to, so the unpacked values of the whole layer never exist at once.
+    """
+
+    def __init__(self, rows: int, width: int, bits: int, device: torch.device):
+        self.rows, self.width, self.bits = rows, width, bits
+        self.per_byte = 8 // bits
+        self.packed_rows = -(-rows // self.per_byte)
+        self.data = torch.zeros((self.packed_rows, width), dtype=torch.uint8, device=device)
+
+    def add(self, start: int, values: torch.Tensor) -> None:
+        stop = start + values.shape[0]
+        for k in range(self.per_byte):
+            lo, hi = max(start, k * self.packed_rows), min(stop, (k + 1) * self.packed_rows)
+            if lo < hi:
+                target = self.data[lo - k * self.packed_rows : hi - k * self.packed_rows]
+                target |= values[lo - start : hi - start] << (self.bits * k)
+
+    def tensor(self):
+        from optimum.quanto.tensor.packed import PackedTensor
+
+        return PackedTensor(self.data, self.bits, (self.rows, self.width), (self.width, 1))
 
 
 @functools.cache

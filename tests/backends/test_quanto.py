@@ -7,7 +7,7 @@ import torch
 
 quanto = pytest.importorskip("optimum.quanto")
 
-from optimum.quanto.tensor.weights import WeightQBitsTensor, quantize_weight  # noqa: E402
+from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor, quantize_weight  # noqa: E402
 
 from diffusers_quant.backends import get_backend  # noqa: E402
 from diffusers_quant.backends.quanto import portable_class, quantize_in_row_blocks  # noqa: E402
@@ -31,12 +31,14 @@ def _inner(tensor) -> dict[str, torch.Tensor]:
 
 
 def _reference(linear: torch.nn.Linear, qtype: str):
-    """What quanto stores for this layer: freeze() for 8-bit; for 2/4-bit its portable (unoptimized)
-    layout, which freeze() would repack for tinygemm on bf16 int4."""
+    """What quanto computes for this layer, in its portable (unoptimized) layout: freeze() would repack
+    bf16 int4 for tinygemm and float8 for Marlin on a recent GPU."""
     layer = quanto.QLinear.from_module(linear, weights=getattr(quanto, qtype))
     if layer.weight_qtype.bits == 8:
-        layer.freeze()
-        return layer.weight
+        scale = layer.optimizer(layer.weight, qtype=layer.weight_qtype, axis=0)
+        return quantize_weight(
+            layer.weight.detach(), qtype=layer.weight_qtype, axis=0, scale=scale, optimized=False
+        )
     scale, shift = layer.optimizer(
         layer.weight, qtype=layer.weight_qtype, axis=0, group_size=layer.weight_group_size
     )
@@ -76,10 +78,7 @@ def test_row_blocks_equal_quantos_result_on_cpu(qtype, dtype, in_features):
     reference = _reference(linear, qtype)
     blocked = _blocked(linear, qtype, block_elements=in_features * 6)
     _assert_same_weight(reference, blocked)
-    if qtype in ("qint4", "qint2"):
-        assert type(blocked) is portable_class()
-    else:
-        assert type(blocked) is type(reference)
+    assert type(blocked) is (portable_class() if qtype in ("qint4", "qint2") else WeightQBytesTensor)
     x = torch.randn(5, in_features, dtype=dtype)
     expected = torch.nn.functional.linear(x, reference, linear.bias)
     torch.testing.assert_close(torch.nn.functional.linear(x, blocked, linear.bias), expected, rtol=0, atol=0)
@@ -126,13 +125,13 @@ def test_backend_layer_matches_quanto_and_reports_its_bytes_without_unpacking(mo
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_host_weight_quantized_for_cuda_block_by_block(qtype, dtype):
-    # A CPU weight quantized for CUDA equals quanto's own result computed on CUDA (Marlin for float8).
+    # A CPU weight quantized for CUDA equals quanto's own result computed on CUDA, and keeps its layout.
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 1344, dtype=dtype)
     reference = _reference(linear.cuda(), qtype)
     blocked = _blocked(linear.cpu(), qtype, block_elements=512 * 64, device=torch.device("cuda"))
     assert blocked.device.type == "cuda"
-    assert type(blocked) is (portable_class() if qtype in ("qint4", "qint2") else type(reference))
+    assert type(blocked) is (portable_class() if qtype in ("qint4", "qint2") else WeightQBytesTensor)
     _assert_same_weight(reference, blocked)
     moved = blocked.to("cpu").to("cuda")
     assert type(moved) is type(blocked)

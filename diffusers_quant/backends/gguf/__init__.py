@@ -76,9 +76,7 @@ class GgufBackend(Backend):
 
         if is_file_spec(spec):
             raise SpecError(f"{spec} names a file; it is loaded as it is, not used to quantize a layer")
-        # gguf-py quantizes with numpy on the CPU; only the packed bytes go to the device.
-        layer = GGUFLinear.from_linear(linear, spec.qtype.upper(), compute_dtype=compute_dtype)
-        return layer if device is None else layer.to(device)
+        return GGUFLinear.from_linear(linear, spec.qtype.upper(), compute_dtype=compute_dtype, device=device)
 
 
 def portable_config(config) -> dict:
