@@ -103,7 +103,7 @@ def quantize_in_row_blocks(
     result equals the matching rows of the whole-weight result. All types keep quanto's portable layout
     (see the module doc for why not its GPU kernels' layouts).
     """
-    from optimum.quanto.tensor.weights import WeightQBytesTensor, quantize_weight
+    from optimum.quanto.tensor.weights import quantize_weight
 
     device = torch.device(device) if device is not None else weight.device
     rows, cols = weight.shape
@@ -121,7 +121,7 @@ def quantize_in_row_blocks(
             scale[span] = q._scale
         # Not create(): it repacks float8 for Marlin on recent GPUs, whose matmul is slower here than
         # dequantize + cuBLAS (see the module doc) and whose repacking triples the layer's GPU peak.
-        return WeightQBytesTensor(qtype, 0, weight.size(), weight.stride(), data, scale, None)
+        return portable_class(8)(qtype, 0, weight.size(), weight.stride(), data, scale, None)
     # quanto leaves rows of at most 128 inputs ungrouped (group_size None): one group per row.
     width = group_size or cols
     groups = cols // width
@@ -140,7 +140,9 @@ def quantize_in_row_blocks(
             torch.ops.quanto.quantize_affine(part, qtype.bits, 0, group_size, part_scale, part_shift),
         )
     data = packed.tensor()
-    return portable_class()(qtype, 0, group_size, weight.size(), weight.stride(), data, scale, shift)
+    return portable_class(qtype.bits)(
+        qtype, 0, group_size, weight.size(), weight.stride(), data, scale, shift
+    )
 
 
 class _BlockPacker:
@@ -172,42 +174,89 @@ class _BlockPacker:
 
 
 @functools.cache
-def portable_class() -> type:
-    """A quanto ``WeightQBitsTensor`` that keeps its portable layout when moved between devices.
+def portable_class(bits: int = 4) -> type:
+    """A quanto weight tensor (``WeightQBitsTensor`` for 2/4 bits, ``WeightQBytesTensor`` for 8) that keeps
+    its portable layout when moved between devices.
 
-    quanto repacks int4 weights for tinygemm on every move to the CPU or a CUDA device (see the module
-    doc for why that is slow here); this subclass moves its packed data, scales and shifts as they are.
-    Saved, it is an ordinary ``WeightQBitsTensor``.
+    quanto repacks on every move to the CPU or a CUDA device (int4 for tinygemm, float8 for Marlin; see the
+    module doc for why both are slow here); this subclass moves its inner tensors as they are. Saved, it is
+    quanto's ordinary tensor.
     """
-    from optimum.quanto.tensor.weights import WeightQBitsTensor
+    from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
+
+    def move(cls, op, args, kwargs, rebuild):
+        t, kwargs = args[0], dict(kwargs or {})
+        if kwargs.pop("dtype", t.dtype) != t.dtype:
+            raise ValueError("the dtype of a quantized quanto weight cannot be changed")
+        device = kwargs.pop("device", t.device)
+        names, _ = t.__tensor_flatten__()
+        return rebuild(t, {n: op(getattr(t, n), device=device, **kwargs) for n in names})
+
+    def is_move(op) -> bool:
+        return op.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to)
+
+    if bits == 8:
+
+        class PortableWeightQBytesTensor(WeightQBytesTensor):
+            @staticmethod
+            def _rebuild(t, inner: dict) -> PortableWeightQBytesTensor:
+                return PortableWeightQBytesTensor(
+                    t.qtype, t.axis, t.size(), t.stride(), inner["_data"], inner["_scale"], t.activation_qtype
+                )
+
+            @staticmethod
+            def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
+                t = WeightQBytesTensor.__tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride)
+                return PortableWeightQBytesTensor._rebuild(t, inner_tensors)
+
+            @classmethod
+            def __torch_dispatch__(cls, op, types, args, kwargs=None):
+                if is_move(op):
+                    return move(cls, op, args, kwargs, cls._rebuild)
+                return super().__torch_dispatch__(op, types, args, kwargs)
+
+            def weight_qbytes_tensor(self):
+                return WeightQBytesTensor(
+                    self.qtype,
+                    self.axis,
+                    self.size(),
+                    self.stride(),
+                    self._data,
+                    self._scale,
+                    self.activation_qtype,
+                )
+
+        return PortableWeightQBytesTensor
 
     class PortableWeightQBitsTensor(WeightQBitsTensor):
         @staticmethod
-        def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
-            base = WeightQBitsTensor.__tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride)
-            return PortableWeightQBitsTensor._wrap(base)
+        def _rebuild(t, inner: dict) -> PortableWeightQBitsTensor:
+            return PortableWeightQBitsTensor(
+                t.qtype,
+                t.axis,
+                t._group_size,
+                t.size(),
+                t.stride(),
+                inner["_data"],
+                inner["_scale"],
+                inner["_shift"],
+            )
 
         @staticmethod
-        def _wrap(t) -> PortableWeightQBitsTensor:
-            return PortableWeightQBitsTensor(
-                t._qtype, t._axis, t._group_size, t.size(), t.stride(), t._data, t._scale, t._shift
-            )
+        def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
+            t = WeightQBitsTensor.__tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride)
+            return PortableWeightQBitsTensor._rebuild(t, inner_tensors)
 
         @classmethod
         def __torch_dispatch__(cls, op, types, args, kwargs=None):
-            if op.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to):
-                t, kwargs = args[0], dict(kwargs or {})
-                if kwargs.pop("dtype", t.dtype) != t.dtype:
-                    raise ValueError("the dtype of a quantized quanto weight cannot be changed")
-                device = kwargs.pop("device", t.device)
-                inner = [op(x, device=device, **kwargs) for x in (t._data, t._scale, t._shift)]
-                return cls(t._qtype, t._axis, t._group_size, t.size(), t.stride(), *inner)
+            if is_move(op):
+                return move(cls, op, args, kwargs, cls._rebuild)
             return super().__torch_dispatch__(op, types, args, kwargs)
 
         def weight_qbits_tensor(self):
             return WeightQBitsTensor(
-                self._qtype,
-                self._axis,
+                self.qtype,
+                self.axis,
                 self._group_size,
                 self.size(),
                 self.stride(),

@@ -78,28 +78,44 @@ def test_row_blocks_equal_quantos_result_on_cpu(qtype, dtype, in_features):
     reference = _reference(linear, qtype)
     blocked = _blocked(linear, qtype, block_elements=in_features * 6)
     _assert_same_weight(reference, blocked)
-    assert type(blocked) is (portable_class() if qtype in ("qint4", "qint2") else WeightQBytesTensor)
+    assert type(blocked) is portable_class(blocked.qtype.bits)
     x = torch.randn(5, in_features, dtype=dtype)
     expected = torch.nn.functional.linear(x, reference, linear.bias)
     torch.testing.assert_close(torch.nn.functional.linear(x, blocked, linear.bias), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("qtype", ("qint4", "qint2"))
+@pytest.mark.parametrize("qtype", QTYPES)
 def test_portable_weights_stay_portable_through_moves_and_save_as_quantos_own(qtype):
-    # quanto would repack bf16 int4 for tinygemm on any move; ours keeps the layout (the fast one here).
+    # quanto would repack on a move (int4 for tinygemm, float8 for Marlin); ours keeps the layout.
     torch.manual_seed(0)
     weight = _blocked(torch.nn.Linear(256, 64, dtype=torch.bfloat16), qtype, block_elements=256 * 16)
+    portable = portable_class(weight.qtype.bits)
     on_meta = weight.to("meta")  # a real device move, as CPU <-> CUDA is on the GPU machine
-    assert type(on_meta) is portable_class() and on_meta.device.type == "meta"
+    assert type(on_meta) is portable and on_meta.device.type == "meta"
     assert on_meta._data.device.type == on_meta._scale.device.type == "meta"
     detached = weight.detach()
-    assert type(detached) is portable_class()
+    assert type(detached) is portable
     _assert_same_weight(weight, detached)
     with pytest.raises(ValueError, match="dtype of a quantized quanto weight cannot be changed"):
         weight.to(torch.float16)
-    saved = weight.weight_qbits_tensor()
-    assert type(saved) is WeightQBitsTensor
+    if weight.qtype.bits == 8:
+        saved, quantos = weight.weight_qbytes_tensor(), WeightQBytesTensor
+    else:
+        saved, quantos = weight.weight_qbits_tensor(), WeightQBitsTensor
+    assert type(saved) is quantos
     _assert_same_weight(weight, saved)
+    state = {}
+    weight.save_to_state_dict(state, "w.", keep_vars=False)
+    assert {k: v.shape for k, v in state.items()} == {
+        k: v.shape
+        for k, v in _saved(_reference(torch.nn.Linear(256, 64, dtype=torch.bfloat16), qtype)).items()
+    }
+
+
+def _saved(weight) -> dict:
+    state = {}
+    weight.save_to_state_dict(state, "w.", keep_vars=False)
+    return state
 
 
 def test_backend_layer_matches_quanto_and_reports_its_bytes_without_unpacking(monkeypatch):
@@ -131,7 +147,7 @@ def test_host_weight_quantized_for_cuda_block_by_block(qtype, dtype):
     reference = _reference(linear.cuda(), qtype)
     blocked = _blocked(linear.cpu(), qtype, block_elements=512 * 64, device=torch.device("cuda"))
     assert blocked.device.type == "cuda"
-    assert type(blocked) is (portable_class() if qtype in ("qint4", "qint2") else WeightQBytesTensor)
+    assert type(blocked) is portable_class(blocked.qtype.bits)
     _assert_same_weight(reference, blocked)
     moved = blocked.to("cpu").to("cuda")
     assert type(moved) is type(blocked)

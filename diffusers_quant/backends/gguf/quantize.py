@@ -20,8 +20,14 @@ def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.float16).view(torch.uint8)
 
 
+def _divide(x: torch.Tensor, divisor: float | torch.Tensor) -> torch.Tensor:
+    """``x / divisor`` correctly rounded on every device. CUDA turns a division by a Python number into
+    a multiplication by its reciprocal, one rounding off numpy's result; a tensor divisor is divided."""
+    return x / torch.as_tensor(divisor, dtype=x.dtype, device=x.device).expand_as(x).contiguous()
+
+
 def _inverse(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return torch.where(d == 0, torch.zeros_like(d), _divide(torch.ones_like(d), d))
 
 
 def _roundf(n: torch.Tensor) -> torch.Tensor:
@@ -37,7 +43,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    d = _divide(blocks.abs().amax(dim=1, keepdim=True), 127.0)
     qs = _roundf(blocks * _inverse(d)).to(torch.int8).view(torch.uint8)
     return torch.cat([_fp16_bytes(d), qs], dim=1)
 
@@ -45,7 +51,7 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
     # The signed value of largest magnitude (the first one on ties, as numpy's argmax).
     largest = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
-    d = largest / -8
+    d = _divide(largest, -8.0)
     qs = (blocks * _inverse(d) + 8.5).trunc().to(torch.uint8).clamp(0, 15)
     return torch.cat([_fp16_bytes(d), _nibbles(qs)], dim=1)
 
@@ -53,7 +59,7 @@ def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
     high = blocks.amax(dim=1, keepdim=True)
     low = blocks.amin(dim=1, keepdim=True)
-    d = (high - low) / 15
+    d = _divide(high - low, 15.0)
     qs = ((blocks - low) * _inverse(d) + 0.5).trunc().to(torch.uint8).clamp(0, 15)
     return torch.cat([_fp16_bytes(d), _fp16_bytes(low), _nibbles(qs)], dim=1)
 
