@@ -833,6 +833,10 @@ def execute(run: Run, rows: list[Row]) -> None:
         print(f"[{i}/{len(rows)}] {row.id}: {status} in {time.perf_counter() - started:.1f}s{note}",
               file=sys.stderr, flush=True)
         write_outputs(run, chart=False)  # keep partial results if the run is cut short
+    reused = sum(1 for r in run.rows if r.get("reused"))
+    if reused:
+        run.notes.append(f"{reused} of {len(run.rows)} rows reused from earlier runs into this folder (--resume, "
+                         "marked 'reused' in results.json); the bf16 row is this run's, ratios are to it")
 
 
 def _checkpoint_bytes(row: dict, run: Run) -> None:
