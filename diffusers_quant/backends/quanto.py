@@ -184,85 +184,55 @@ def portable_class(bits: int = 4) -> type:
     """
     from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
 
-    def move(cls, op, args, kwargs, rebuild):
-        t, kwargs = args[0], dict(kwargs or {})
-        if kwargs.pop("dtype", t.dtype) != t.dtype:
-            raise ValueError("the dtype of a quantized quanto weight cannot be changed")
-        device = kwargs.pop("device", t.device)
-        names, _ = t.__tensor_flatten__()
-        return rebuild(t, {n: op(getattr(t, n), device=device, **kwargs) for n in names})
-
-    def is_move(op) -> bool:
-        return op.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to)
-
     if bits == 8:
 
-        class PortableWeightQBytesTensor(WeightQBytesTensor):
-            @staticmethod
-            def _rebuild(t, inner: dict) -> PortableWeightQBytesTensor:
-                return PortableWeightQBytesTensor(
-                    t.qtype, t.axis, t.size(), t.stride(), inner["_data"], inner["_scale"], t.activation_qtype
-                )
-
-            @staticmethod
-            def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
-                t = WeightQBytesTensor.__tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride)
-                return PortableWeightQBytesTensor._rebuild(t, inner_tensors)
-
-            @classmethod
-            def __torch_dispatch__(cls, op, types, args, kwargs=None):
-                if is_move(op):
-                    return move(cls, op, args, kwargs, cls._rebuild)
-                return super().__torch_dispatch__(op, types, args, kwargs)
-
-            def weight_qbytes_tensor(self):
-                return WeightQBytesTensor(
-                    self.qtype,
-                    self.axis,
-                    self.size(),
-                    self.stride(),
-                    self._data,
-                    self._scale,
-                    self.activation_qtype,
-                )
-
-        return PortableWeightQBytesTensor
-
-    class PortableWeightQBitsTensor(WeightQBitsTensor):
-        @staticmethod
-        def _rebuild(t, inner: dict) -> PortableWeightQBitsTensor:
-            return PortableWeightQBitsTensor(
-                t.qtype,
-                t.axis,
-                t._group_size,
-                t.size(),
-                t.stride(),
-                inner["_data"],
-                inner["_scale"],
-                inner["_shift"],
+        def rebuild_bytes(cls, t, inner):
+            return cls(
+                t.qtype, t.axis, t.size(), t.stride(), inner["_data"], inner["_scale"], t.activation_qtype
             )
 
+        return _portable_subclass(WeightQBytesTensor, rebuild_bytes, "weight_qbytes_tensor")
+
+    def rebuild_bits(cls, t, inner):
+        return cls(
+            t.qtype,
+            t.axis,
+            t._group_size,
+            t.size(),
+            t.stride(),
+            inner["_data"],
+            inner["_scale"],
+            inner["_shift"],
+        )
+
+    return _portable_subclass(WeightQBitsTensor, rebuild_bits, "weight_qbits_tensor")
+
+
+def _portable_subclass(base: type, rebuild, to_base: str) -> type:
+    """``base`` with device moves that keep the inner tensors' layout; ``rebuild(cls, t, inner)`` makes a
+    ``cls`` from ``t``'s metadata and new inner tensors, ``to_base`` names quanto's convert-back method."""
+
+    class Portable(base):
         @staticmethod
         def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
-            t = WeightQBitsTensor.__tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride)
-            return PortableWeightQBitsTensor._rebuild(t, inner_tensors)
+            t = base.__tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride)
+            return rebuild(Portable, t, inner_tensors)
 
         @classmethod
         def __torch_dispatch__(cls, op, types, args, kwargs=None):
-            if is_move(op):
-                return move(cls, op, args, kwargs, cls._rebuild)
-            return super().__torch_dispatch__(op, types, args, kwargs)
+            if op.overloadpacket not in (torch.ops.aten._to_copy, torch.ops.aten.to):
+                return super().__torch_dispatch__(op, types, args, kwargs)
+            t, kwargs = args[0], dict(kwargs or {})
+            if kwargs.pop("dtype", t.dtype) != t.dtype:
+                raise ValueError("the dtype of a quantized quanto weight cannot be changed")
+            device = kwargs.pop("device", t.device)
+            names, _ = t.__tensor_flatten__()
+            return rebuild(cls, t, {n: op(getattr(t, n), device=device, **kwargs) for n in names})
 
-        def weight_qbits_tensor(self):
-            return WeightQBitsTensor(
-                self.qtype,
-                self.axis,
-                self._group_size,
-                self.size(),
-                self.stride(),
-                self._data,
-                self._scale,
-                self._shift,
-            )
+    def as_base(self):
+        names, _ = self.__tensor_flatten__()
+        return rebuild(base, self, {n: getattr(self, n) for n in names})
 
-    return PortableWeightQBitsTensor
+    setattr(Portable, to_base, as_base)
+    Portable.__name__ = Portable.__qualname__ = f"Portable{base.__name__}"
+    return Portable
