@@ -311,17 +311,6 @@ def _row_blocks(weight: torch.Tensor, qtype: str, chunk_elements: int | None = N
     return [slice(i, min(i + rows, out_features)) for i in range(0, out_features, rows)]
 
 
-def _nncf_compress_rows(
-    weight: torch.Tensor, qtype: str, group_size: int, chunk_elements: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``_nncf_compress`` over blocks of output rows, concatenated. Scales and zero points are per row (or
-    per row and group), so the result is identical to one call on the whole weight (a test checks it)."""
-    parts = [_nncf_compress(weight[b], qtype, group_size) for b in _row_blocks(weight, qtype, chunk_elements)]
-    qs, scales, zeros = zip(*parts, strict=True)
-    zero_point = None if zeros[0] is None else torch.cat(zeros)
-    return torch.cat(qs), torch.cat(scales), zero_point
-
-
 def _store_rows(
     layer: NNCFLinear,
     rows: slice,
