@@ -193,24 +193,12 @@ class GGUFLinear(nn.Module):
         compute_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> GGUFLinear:
-        """Quantize an ``nn.Linear`` to ``qtype`` on ``device`` (default: the linear's).
+        """Quantize an ``nn.Linear`` to ``qtype`` on ``device`` (default: the linear's), with
+        :func:`~diffusers_quant.backends.gguf.quantize.to_ggml` (torch where it can, else gguf-py)."""
+        from .quantize import to_ggml
 
-        Q8_0, Q4_0 and Q4_1 are quantized by torch on that device, block of rows by block; other types by
-        gguf-py (numpy, on the CPU). Both give gguf-py's exact bytes."""
-        from .quantize import QUANTIZERS, quantize_rows
-
-        name = qtype_name(qtype)
         device = torch.device(device) if device is not None else linear.weight.device
-        if name in QUANTIZERS:
-            packed = quantize_rows(linear.weight.detach(), name, device)
-        else:
-            import gguf
-            import gguf.quants
-
-            w = linear.weight.detach().to("cpu", torch.float32).numpy()
-            packed = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType[name])).view(
-                torch.uint8
-            )
+        packed = to_ggml(linear.weight, qtype, device)
         bias = None if linear.bias is None else linear.bias.detach()
         module = cls.from_raw(packed, qtype, tuple(linear.weight.shape), bias, compute_dtype)
         return module.to(device)

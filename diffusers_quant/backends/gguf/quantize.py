@@ -90,3 +90,25 @@ def quantize_rows(weight: torch.Tensor, qtype: str, device: torch.device | str |
             out = torch.empty((rows, packed.shape[1]), dtype=torch.uint8, device=device)
         out[start : start + part.shape[0]] = packed
     return out
+
+
+def to_ggml(weight: torch.Tensor, qtype: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """``weight``'s bytes in GGML ``qtype`` (any type gguf-py can write), shaped ``(..., bytes_per_row)``.
+
+    Q8_0, Q4_0 and Q4_1 are quantized by torch on ``device`` (default: the weight's), a block of rows at a
+    time; other types by gguf-py with numpy on the CPU, then moved there. Both give gguf-py's exact bytes.
+    """
+    from .dequant import qtype_name
+
+    name = qtype_name(qtype)
+    weight = weight.detach()
+    if name in QUANTIZERS:
+        rows = quantize_rows(weight.reshape(-1, weight.shape[-1]), name, device)
+        return rows.reshape(*weight.shape[:-1], rows.shape[-1])
+    import gguf
+    import gguf.quants
+
+    data = weight.to("cpu", torch.float32).numpy()
+    packed = torch.from_numpy(gguf.quants.quantize(data, gguf.GGMLQuantizationType[name]))
+    packed = packed.view(torch.uint8)  # float results (F16, F32) as their bytes
+    return packed if device is None else packed.to(device)

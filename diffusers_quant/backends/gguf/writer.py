@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .dequant import block_info, packed_nbytes
+from .quantize import to_ggml
 from .reader import ORIG_SHAPE_PREFIX
 
 CONFIG_KEY = "diffusers_quant.config"
@@ -195,15 +196,14 @@ def _quantizable(
 
 
 def _encode(name: str, tensor: torch.Tensor, ttype: str, stored_shape: tuple[int, ...]) -> np.ndarray:
-    """The tensor's bytes in ``ttype`` as a numpy array (quantized through gguf-py)."""
+    """The tensor's bytes in ``ttype`` as a numpy array (through ``to_ggml``: torch or gguf-py)."""
     t = tensor.detach().to("cpu").contiguous().reshape(stored_shape)
     if ttype in ("I8", "I16", "I32", "I64"):
         return t.numpy()
     if _SOURCE_FLOAT_TYPE.get(t.dtype) == ttype:  # same 16-bit type: copy the bits, no rounding
         return t.view(torch.int16).numpy()
-    data = t.to(torch.float32).numpy()
     try:
-        return gguf.quants.quantize(data, _ggml_type(ttype))
+        return to_ggml(t, ttype).numpy()
     except Exception as e:
         raise ValueError(
             f"quantizing tensor {name!r} (shape {tuple(tensor.shape)}) to {ttype} failed: {e}"

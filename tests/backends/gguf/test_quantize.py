@@ -62,3 +62,15 @@ def test_cuda_bytes_equal_gguf_py(qtype):
     packed = quantize_rows(weight, qtype, "cuda")
     assert packed.device.type == "cuda"
     assert torch.equal(packed.cpu(), _reference(weight, qtype))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q5_1", "F16"])
+def test_to_ggml_gives_gguf_py_bytes_for_any_rank_and_type(qtype):
+    """One encoder serves layers and the file writer: torch for its ports, gguf-py for the rest."""
+    from diffusers_quant.backends.gguf.quantize import to_ggml
+
+    weight = _awkward_weight(rows=96, cols=64).reshape(4, 24, 64)
+    packed = to_ggml(weight, qtype)
+    assert packed.dtype == torch.uint8 and packed.shape[:-1] == (4, 24)
+    expected = gguf_quants.quantize(weight.numpy(), gguf.GGMLQuantizationType[qtype])
+    assert packed.numpy().tobytes() == np.ascontiguousarray(expected).tobytes()
