@@ -13,6 +13,25 @@ def generate(pipe, seed: int = 0, steps: int = 3):
     ).images[0]
 
 
+def wide_flux_transformer(num_single_layers: int):
+    """A Flux transformer at real width (6 heads of 128) but one double block: large enough (tens of MB)
+    to see memory clearly, seeded so every test builds the same weights."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=num_single_layers,
+        attention_head_dim=128,
+        num_attention_heads=6,
+        joint_attention_dim=768,
+        pooled_projection_dim=256,
+        axes_dims_rope=(16, 56, 56),
+    )
+
+
 def rel_l2(a, b) -> float:
     import numpy as np
 

@@ -28,20 +28,10 @@ SCRIPT = textwrap.dedent("""
 def wide_transformer(tmp_path_factory):
     """A Flux transformer of ~60M parameters (120 MB in bf16): large enough to see memory clearly."""
     import torch
-    from diffusers import FluxTransformer2DModel
+    from helpers import wide_flux_transformer
 
     folder = tmp_path_factory.mktemp("wide") / "transformer"
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=3,
-        attention_head_dim=128,
-        num_attention_heads=6,
-        joint_attention_dim=768,
-        pooled_projection_dim=256,
-        axes_dims_rope=(16, 56, 56),
-    ).to(torch.bfloat16)
+    model = wide_flux_transformer(num_single_layers=3).to(torch.bfloat16)
     model.save_pretrained(folder)
     return folder
 

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import generate, rel_l2
+from helpers import generate, rel_l2, wide_flux_transformer
 from test_keys import flux_diffusers_to_bfl
 
 import diffusers_quant
@@ -181,19 +181,7 @@ HOST_SCRIPT = textwrap.dedent("""
 
 def test_host_memory_during_load_stays_far_below_the_file_size(tmp_path):
     """The file is memory-mapped: packed weights are views of it, never copied into RAM."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=128,
-        num_attention_heads=6,
-        joint_attention_dim=768,
-        pooled_projection_dim=256,
-        axes_dims_rope=(16, 56, 56),
-    )
+    model = wide_flux_transformer(num_single_layers=2)
     path = tmp_path / "wide.gguf"
     write_gguf(path, model.state_dict(), "Q8_0", arch="flux", config=portable_config(model.config))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", DIFFUSERS_QUANT_PROGRESS="0")
