@@ -59,9 +59,18 @@ GGUF_FALLBACK = {"q4_k": "q4_0"}
 
 
 def _flux_config(num_layers: int, num_single_layers: int) -> dict:
-    return dict(patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
-                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=[16, 56, 56])
+    return dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=False,
+        axes_dims_rope=[16, 56, 56],
+    )
 
 
 @dataclass(frozen=True)
@@ -79,14 +88,43 @@ class ModelDef:
 
 
 MODELS = {
-    "tiny": ModelDef("tiny", None, 256, 32, 2, 10, "demo Flux transformer (~3.4M params), 16x16 latent patches",
-                     warm_load=True),
-    "flux-mini": ModelDef("flux-mini", _flux_config(1, 1), 64, 16, 1, 3,
-                          "Flux width, 1 + 1 blocks (~0.5B params): smoke test of the big-model path"),
-    "flux-width": ModelDef("flux-width", _flux_config(3, 6), 4096, 512, 2, 5,
-                           "Flux width, 3 + 6 blocks (~1.93B params), 1024x1024 (64x64 latent patches)"),
-    "flux-full": ModelDef("flux-full", _flux_config(19, 38), 4096, 512, 2, 5,
-                          "full Flux depth, 19 + 38 blocks (~11.9B params), 1024x1024"),
+    "tiny": ModelDef(
+        "tiny",
+        None,
+        256,
+        32,
+        2,
+        10,
+        "demo Flux transformer (~3.4M params), 16x16 latent patches",
+        warm_load=True,
+    ),
+    "flux-mini": ModelDef(
+        "flux-mini",
+        _flux_config(1, 1),
+        64,
+        16,
+        1,
+        3,
+        "Flux width, 1 + 1 blocks (~0.5B params): smoke test of the big-model path",
+    ),
+    "flux-width": ModelDef(
+        "flux-width",
+        _flux_config(3, 6),
+        4096,
+        512,
+        2,
+        5,
+        "Flux width, 3 + 6 blocks (~1.93B params), 1024x1024 (64x64 latent patches)",
+    ),
+    "flux-full": ModelDef(
+        "flux-full",
+        _flux_config(19, 38),
+        4096,
+        512,
+        2,
+        5,
+        "full Flux depth, 19 + 38 blocks (~11.9B params), 1024x1024",
+    ),
 }
 
 
@@ -186,7 +224,9 @@ def write_model_gguf(folder: Path, qtype: str, path: Path) -> None:
     state = {}
     for f in weight_files(folder):
         state.update(load_file(f))
-    config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
+    config = {
+        k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     # F32 for the unquantized (small) tensors: diffusers' GGUF loader treats BF16 tensors as quantized and
     # then fails on BF16 biases ("expanded size ... must match").
@@ -243,7 +283,9 @@ def _gguf_rows(registered: dict) -> list[Row]:
         if backend is not None:
             group.append(_ours("gguf", file_qtype, "file"))
         for row in group:
-            row.skip = "" if written else "no GGUF writer (diffusers_quant.backends.gguf.writer) for this qtype"
+            row.skip = (
+                "" if written else "no GGUF writer (diffusers_quant.backends.gguf.writer) for this qtype"
+            )
             if written and written != qtype:
                 row.api += f" ({file_qtype}: gguf-py cannot write {qtype})"
         if backend is not None and file_qtype in backend.qtypes:
@@ -279,9 +321,18 @@ def all_rows() -> list[Row]:
     return rows + _gguf_rows(registered)
 
 
-QUICK_ROWS = ("bf16", "ours/bnb:nf4/on-load", "plain/bnb:nf4", "ours/quanto:qint8/on-load",
-              "ours/quanto:qint8/post-load", "plain/quanto:qint8", "ours/quanto:qint4/on-load",
-              "plain/quanto:qint4", "ours/nncf:int8/on-load", "plain/nncf:int8")
+QUICK_ROWS = (
+    "bf16",
+    "ours/bnb:nf4/on-load",
+    "plain/bnb:nf4",
+    "ours/quanto:qint8/on-load",
+    "ours/quanto:qint8/post-load",
+    "plain/quanto:qint8",
+    "ours/quanto:qint4/on-load",
+    "plain/quanto:qint4",
+    "ours/nncf:int8/on-load",
+    "plain/nncf:int8",
+)
 
 
 def select_rows(rows: list[Row], *, quick: bool, patterns: str | None) -> list[Row]:
@@ -323,7 +374,9 @@ def make_inputs(defn: ModelDef, config: dict, device: str) -> dict:
     n_img, n_txt = defn.img_tokens, defn.txt_tokens
     side = math.isqrt(n_img)
     img_ids = torch.zeros(n_img, 3)
-    img_ids[:, 1] = torch.arange(n_img) // side  # (row, col) of each latent patch, as FluxPipeline builds them
+    img_ids[:, 1] = (
+        torch.arange(n_img) // side
+    )  # (row, col) of each latent patch, as FluxPipeline builds them
     img_ids[:, 2] = torch.arange(n_img) % side
     inputs = dict(
         hidden_states=torch.randn(1, n_img, config["in_channels"], generator=g),
@@ -338,8 +391,12 @@ def make_inputs(defn: ModelDef, config: dict, device: str) -> dict:
 
 def _preimport(job: dict) -> None:
     # Import the backend library before timing, so neither side pays its import in load_s.
-    modules = {"bnb": ["bitsandbytes"], "quanto": ["optimum.quanto"], "nncf": ["nncf", "nncf.torch"],
-               "gguf": ["gguf"]}.get(job["backend"], [])
+    modules = {
+        "bnb": ["bitsandbytes"],
+        "quanto": ["optimum.quanto"],
+        "nncf": ["nncf", "nncf.torch"],
+        "gguf": ["gguf"],
+    }.get(job["backend"], [])
     for module in modules:
         try:
             __import__(module)
@@ -383,8 +440,9 @@ def _load_ours(job: dict, inputs: dict):
 
     if job["mode"] == "file":
         plan = f"transformer={job['backend']}:{job['qtype']};device={job['device']}"
-        model = FluxTransformer2DModel.from_single_file(job["gguf"], config=job["folder"], dtype=torch.bfloat16,
-                                                        quant=plan)
+        model = FluxTransformer2DModel.from_single_file(
+            job["gguf"], config=job["folder"], dtype=torch.bfloat16, quant=plan
+        )
     else:
         plan = f"transformer={job['backend']}:{job['qtype']};mode={job['mode']};device={job['device']}"
         model = FluxTransformer2DModel.from_pretrained(job["folder"], dtype=torch.bfloat16, quant=plan)
@@ -398,11 +456,16 @@ def _load_plain_bnb(job: dict, inputs: dict):
     if job["qtype"] == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:  # same format as ours: double-quantized scales, bf16 compute
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=job["qtype"],
-                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=job["qtype"],
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     try:
-        model = FluxTransformer2DModel.from_pretrained(job["folder"], dtype=torch.bfloat16,
-                                                       quantization_config=config)
+        model = FluxTransformer2DModel.from_pretrained(
+            job["folder"], dtype=torch.bfloat16, quantization_config=config
+        )
     except Exception as e:
         if job["device"] != "cuda":
             raise SkipRow(f"needs CUDA (diffusers: {type(e).__name__}: {e})") from e
@@ -419,7 +482,9 @@ def _load_plain_quanto(job: dict, inputs: dict):
     except ImportError as e:
         raise SkipRow("diffusers has no QuantoConfig any more") from e
     config = QuantoConfig(weights_dtype=PLAIN_QUANTO[job["qtype"]])
-    model = FluxTransformer2DModel.from_pretrained(job["folder"], dtype=torch.bfloat16, quantization_config=config)
+    model = FluxTransformer2DModel.from_pretrained(
+        job["folder"], dtype=torch.bfloat16, quantization_config=config
+    )
     return _to_device(model, job["device"])
 
 
@@ -431,8 +496,12 @@ def _load_plain_nncf(job: dict, inputs: dict):
     kwargs: dict[str, Any] = {"mode": getattr(nncf.CompressWeightsMode, PLAIN_NNCF[job["qtype"]])}
     if job["qtype"].startswith("int4"):
         # ADJUST, not nncf's default ERROR: layers whose width is no multiple of 64 get a smaller group.
-        kwargs.update(group_size=NNCF_GROUP_SIZE, advanced_parameters=AdvancedCompressionParameters(
-            group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+        kwargs.update(
+            group_size=NNCF_GROUP_SIZE,
+            advanced_parameters=AdvancedCompressionParameters(
+                group_size_fallback_mode=GroupSizeFallbackMode.ADJUST
+            ),
+        )
     # nncf traces the model, so it needs an example input (the step's inputs).
     return nncf.compress_weights(model, dataset=nncf.Dataset([inputs]), **kwargs)
 
@@ -442,13 +511,20 @@ def _load_plain_gguf(job: dict, inputs: dict):
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
     model = FluxTransformer2DModel.from_single_file(
-        job["gguf"], quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
-        config=job["folder"], dtype=torch.bfloat16)
+        job["gguf"],
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
+        config=job["folder"],
+        dtype=torch.bfloat16,
+    )
     return _to_device(model, job["device"])
 
 
-PLAIN_LOADERS = {"bnb": _load_plain_bnb, "quanto": _load_plain_quanto, "nncf": _load_plain_nncf,
-                 "gguf": _load_plain_gguf}
+PLAIN_LOADERS = {
+    "bnb": _load_plain_bnb,
+    "quanto": _load_plain_quanto,
+    "nncf": _load_plain_nncf,
+    "gguf": _load_plain_gguf,
+}
 
 
 def _loader(job: dict):
@@ -507,9 +583,14 @@ def measure_load(job: dict, inputs: dict) -> tuple[Any, dict]:
             torch.cuda.synchronize()
         load_s = time.perf_counter() - start
     rss_peak = _status_kib("VmHWM") if hwm_ok else None
-    figures = {"load_s": load_s, "host_peak_growth": peak.host_growth, "host_anon_start": peak.host_start,
-               "host_rss_start": rss_start, "host_rss_peak": rss_peak,
-               "host_rss_peak_growth": rss_peak - rss_start if rss_peak and rss_start else None}
+    figures = {
+        "load_s": load_s,
+        "host_peak_growth": peak.host_growth,
+        "host_anon_start": peak.host_start,
+        "host_rss_start": rss_start,
+        "host_rss_peak": rss_peak,
+        "host_rss_peak_growth": rss_peak - rss_start if rss_peak and rss_start else None,
+    }
     if cuda:
         gc.collect()
         figures["gpu_resident_after_load"] = torch.cuda.memory_allocated() - peak.cuda_start
@@ -570,9 +651,14 @@ def _report_figures(model) -> dict:
     if report is None or not report.components:
         return {}
     c = report.components[0]
-    return {"quant_mode": c.mode, "layers_quantized": c.layers_quantized, "linears_total": c.linears_total,
-            "report_bytes_before": c.bytes_before, "report_bytes_after": c.bytes_after,
-            "report_seconds": c.seconds}
+    return {
+        "quant_mode": c.mode,
+        "layers_quantized": c.layers_quantized,
+        "linears_total": c.linears_total,
+        "report_bytes_before": c.bytes_before,
+        "report_bytes_after": c.bytes_after,
+        "report_seconds": c.seconds,
+    }
 
 
 def run_worker(job: dict) -> dict:
@@ -584,8 +670,13 @@ def run_worker(job: dict) -> dict:
     defn = MODELS[job["model"]]
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    result: dict[str, Any] = {"id": job["id"], "status": "ok", "torch": torch.__version__,
-                              "threads": torch.get_num_threads(), "loadavg_start": _loadavg()}
+    result: dict[str, Any] = {
+        "id": job["id"],
+        "status": "ok",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loadavg_start": _loadavg(),
+    }
     if job["device"] == "cuda":
         if not torch.cuda.is_available():
             raise SkipRow("device=cuda but no CUDA device is available")
@@ -666,10 +757,12 @@ def run_subprocess(args: list[str], timeout: float) -> tuple[dict | None, str]:
     """Run this script with ``args``; returns (the JSON it marked, the tail of its output)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_worker_env(), cwd=REPO)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=_worker_env(), cwd=REPO
+        )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:.0f}s"
-    found = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    found = [line[len(MARK) :] for line in proc.stdout.splitlines() if line.startswith(MARK)]
     tail = (proc.stderr or proc.stdout)[-1500:]
     if not found:
         return None, f"exit code {proc.returncode}: {tail}"
@@ -679,7 +772,11 @@ def run_subprocess(args: list[str], timeout: float) -> tuple[dict | None, str]:
 def run_row(row: Row, job: dict, timeout: float) -> dict:
     result, tail = run_subprocess(["--worker", json.dumps(job)], timeout)
     if result is None:
-        result = {"id": row.id, "status": "error", "note": tail.strip().splitlines()[-1] if tail.strip() else tail}
+        result = {
+            "id": row.id,
+            "status": "error",
+            "note": tail.strip().splitlines()[-1] if tail.strip() else tail,
+        }
     if result["status"] == "error":
         result["stderr_tail"] = tail  # the traceback, for whoever reads results.json after a GPU run
     return {**asdict(row), "format": row.format, **result}
@@ -697,8 +794,12 @@ def prepare_gguf(model: str, folder: Path, qtype: str, timeout: float) -> tuple[
 
 def gpu_name() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0].strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -731,10 +832,27 @@ def _version(dist: str) -> str | None:
 
 
 def machine_info(device: str, name: str | None) -> dict:
-    info = {"device": device, "gpu_name": name, "cpu_cores": cpu_cores(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "versions": {d: _version(d) for d in ("torch", "diffusers", "transformers", "accelerate",
-                                                  "bitsandbytes", "optimum-quanto", "nncf", "gguf")}}
+    info = {
+        "device": device,
+        "gpu_name": name,
+        "cpu_cores": cpu_cores(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            d: _version(d)
+            for d in (
+                "torch",
+                "diffusers",
+                "transformers",
+                "accelerate",
+                "bitsandbytes",
+                "optimum-quanto",
+                "nncf",
+                "gguf",
+            )
+        },
+    }
     try:
         import psutil
 
@@ -742,8 +860,12 @@ def machine_info(device: str, name: str | None) -> dict:
     except ImportError:
         pass
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                            text=True, cwd=REPO, timeout=10).stdout.strip() or None
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.TimeoutExpired):
         pass
     return info
@@ -768,9 +890,17 @@ def ref_path(model: str, device: str) -> Path:
 
 def _job(run: Run, row: Row, gguf: Path | None) -> dict:
     defn = MODELS[run.model]
-    return {**asdict(row), "model": run.model, "folder": str(run.folder), "device": run.device,
-            "ref": str(ref_path(run.model, run.device)), "gguf": str(gguf) if gguf else None,
-            "warmup": defn.warmup, "steps": defn.steps, "threads": run.args.threads}
+    return {
+        **asdict(row),
+        "model": run.model,
+        "folder": str(run.folder),
+        "device": run.device,
+        "ref": str(ref_path(run.model, run.device)),
+        "gguf": str(gguf) if gguf else None,
+        "warmup": defn.warmup,
+        "steps": defn.steps,
+        "threads": run.args.threads,
+    }
 
 
 def _previous_rows(run: Run) -> dict[str, dict]:
@@ -800,7 +930,9 @@ def _gguf_file(run: Run, qtype: str, cache: dict[str, Path | None]) -> Path | No
     if qtype not in cache:
         path, err, secs = prepare_gguf(run.model, run.folder, qtype, run.args.row_timeout)
         cache[qtype] = path
-        run.notes.append(f"GGUF {qtype} file: " + (f"ready in {secs:.1f}s" if path else f"not written: {err[-300:]}"))
+        run.notes.append(
+            f"GGUF {qtype} file: " + (f"ready in {secs:.1f}s" if path else f"not written: {err[-300:]}")
+        )
     return cache[qtype]
 
 
@@ -830,13 +962,18 @@ def execute(run: Run, rows: list[Row]) -> None:
         run.rows.append(result)
         note = f"  ({result.get('note')})" if result.get("note") and result["status"] != "ok" else ""
         status = "ok (reused from the earlier run)" if result.get("reused") else result["status"]
-        print(f"[{i}/{len(rows)}] {row.id}: {status} in {time.perf_counter() - started:.1f}s{note}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{i}/{len(rows)}] {row.id}: {status} in {time.perf_counter() - started:.1f}s{note}",
+            file=sys.stderr,
+            flush=True,
+        )
         write_outputs(run, chart=False)  # keep partial results if the run is cut short
     reused = sum(1 for r in run.rows if r.get("reused"))
     if reused:
-        run.notes.append(f"{reused} of {len(run.rows)} rows reused from earlier runs into this folder (--resume, "
-                         "marked 'reused' in results.json); the bf16 row is this run's, ratios are to it")
+        run.notes.append(
+            f"{reused} of {len(run.rows)} rows reused from earlier runs into this folder (--resume, "
+            "marked 'reused' in results.json); the bf16 row is this run's, ratios are to it"
+        )
 
 
 def _checkpoint_bytes(row: dict, run: Run) -> None:
@@ -908,18 +1045,45 @@ def _cell(text: str) -> str:
 
 def rows_table(rows: list[dict], device: str) -> list[str]:
     res = "GPU resident MiB" if device == "cuda" else "model MiB"
-    head = ["row", "load s", "load×", "host peak MiB", "ckpt MiB", res, "mem×", "GPU peak/res", "step ms",
-            "step×", "rel_l2", "peak≤1.15", "host≤1.1×ckpt", "load≤1.5×", "rel≤1.05×plain", "status"]
+    head = [
+        "row",
+        "load s",
+        "load×",
+        "host peak MiB",
+        "ckpt MiB",
+        res,
+        "mem×",
+        "GPU peak/res",
+        "step ms",
+        "step×",
+        "rel_l2",
+        "peak≤1.15",
+        "host≤1.1×ckpt",
+        "load≤1.5×",
+        "rel≤1.05×plain",
+        "status",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok":
             cells = [r["id"], *["-"] * (len(head) - 2), _cell(f"{r['status']}: {r.get('note', '')}")[:160]]
         else:
             c = r["checks"]
-            cells = [r["id"], _num(r["load_s"]), _num(r["load_ratio"]), _mib(r.get("host_peak_growth")),
-                     _mib(r.get("checkpoint_bytes")), _mib(r["resident_bytes"]), _num(r["mem_ratio"]),
-                     _num(r["peak_over_resident"]), _num(r["step_ms"], "{:.1f}"), _num(r["step_ratio"]),
-                     _num(r.get("rel_l2"), "{:.4f}"), *(_mark(v) for v in c.values()), "ok"]
+            cells = [
+                r["id"],
+                _num(r["load_s"]),
+                _num(r["load_ratio"]),
+                _mib(r.get("host_peak_growth")),
+                _mib(r.get("checkpoint_bytes")),
+                _mib(r["resident_bytes"]),
+                _num(r["mem_ratio"]),
+                _num(r["peak_over_resident"]),
+                _num(r["step_ms"], "{:.1f}"),
+                _num(r["step_ratio"]),
+                _num(r.get("rel_l2"), "{:.4f}"),
+                *(_mark(v) for v in c.values()),
+                "ok",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -928,16 +1092,29 @@ def pairs_table(rows: list[dict]) -> list[str]:
     """Ours next to plain diffusers for the same format (ours / plain in each cell)."""
     ok = [r for r in rows if r["status"] == "ok"]
     plain = {r["format"]: r for r in ok if r["impl"] == "plain"}
-    head = ["format", "ours row", "plain API", "step× ours / plain", "mem× ours / plain",
-            "load s ours / plain", "host peak MiB ours / plain", "rel_l2 ours / plain"]
+    head = [
+        "format",
+        "ours row",
+        "plain API",
+        "step× ours / plain",
+        "mem× ours / plain",
+        "load s ours / plain",
+        "host peak MiB ours / plain",
+        "rel_l2 ours / plain",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in (r for r in ok if r["impl"] == "ours" and r["format"] in plain):
         p = plain[r["format"]]
-        cells = [r["format"], r["id"], p["api"], f"{_num(r['step_ratio'])} / {_num(p['step_ratio'])}",
-                 f"{_num(r['mem_ratio'])} / {_num(p['mem_ratio'])}",
-                 f"{_num(r['load_s'])} / {_num(p['load_s'])}",
-                 f"{_mib(r.get('host_peak_growth'))} / {_mib(p.get('host_peak_growth'))}",
-                 f"{_num(r.get('rel_l2'), '{:.4f}')} / {_num(p.get('rel_l2'), '{:.4f}')}"]
+        cells = [
+            r["format"],
+            r["id"],
+            p["api"],
+            f"{_num(r['step_ratio'])} / {_num(p['step_ratio'])}",
+            f"{_num(r['mem_ratio'])} / {_num(p['mem_ratio'])}",
+            f"{_num(r['load_s'])} / {_num(p['load_s'])}",
+            f"{_mib(r.get('host_peak_growth'))} / {_mib(p.get('host_peak_growth'))}",
+            f"{_num(r.get('rel_l2'), '{:.4f}')} / {_num(p.get('rel_l2'), '{:.4f}')}",
+        ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines if len(lines) > 2 else []
 
@@ -949,12 +1126,16 @@ def highlights(rows: list[dict], device: str) -> list[str]:
     for r in rows:
         if r["status"] == "ok" and r["format"] == "quanto:qint4" and r.get("step_ratio") is not None:
             out.append(f"- {device} step time, {r['id']} vs bf16: **{r['step_ratio']:.2f}x**")
-    failed = [f"{r['id']} ({k})" for r in rows if r["status"] == "ok" for k, v in r["checks"].items() if v == "fail"]
+    failed = [
+        f"{r['id']} ({k})" for r in rows if r["status"] == "ok" for k, v in r["checks"].items() if v == "fail"
+    ]
     out.append("- failed checks: " + (", ".join(failed) if failed else "none"))
     busy = [r["loadavg_start"] for r in rows if (r.get("loadavg_start") or 0) > cpu_cores()]
     if device == "cpu" and busy:
-        out.append(f"- the CPU was busy during {len(busy)} row(s) (load average up to {max(busy):.1f} on "
-                   f"{cpu_cores()} cores): their CPU step times may be inflated")
+        out.append(
+            f"- the CPU was busy during {len(busy)} row(s) (load average up to {max(busy):.1f} on "
+            f"{cpu_cores()} cores): their CPU step times may be inflated"
+        )
     return out
 
 
@@ -998,7 +1179,11 @@ def write_chart(run: Run, path: Path) -> str | None:
         return f"no chart: {e}"
     rows = [r for r in run.rows if r["status"] == "ok"]
     colours = {"baseline": "0.5", "ours": "tab:blue", "plain": "tab:orange"}
-    panels = (("step_ratio", "step time / bf16"), ("mem_ratio", "memory / bf16"), ("rel_l2", "rel_l2 vs bf16"))
+    panels = (
+        ("step_ratio", "step time / bf16"),
+        ("mem_ratio", "memory / bf16"),
+        ("rel_l2", "rel_l2 vs bf16"),
+    )
     height = 1.8 + 0.32 * len(rows)
     fig, axes = plt.subplots(1, 3, figsize=(15, height), sharey=True)
     labels = [r["id"] for r in rows]
@@ -1028,13 +1213,24 @@ def write_outputs(run: Run, chart: bool = True) -> str:
     run.out.mkdir(parents=True, exist_ok=True)
     summarize(run.rows, run.device)
     defn = MODELS[run.model]
-    data = {"machine": run.info, "model": {"name": run.model, "about": defn.about, "folder": str(run.folder),
-                                           "img_tokens": defn.img_tokens, "txt_tokens": defn.txt_tokens,
-                                           "warmup": defn.warmup, "steps": defn.steps,
-                                           "checkpoint_bytes": run.info.get("checkpoint_bytes"),
-                                           "params": run.info.get("params")},
-            "command": " ".join(sys.argv), "elapsed_s": time.perf_counter() - run.started,
-            "notes": run.notes, "rows": run.rows}
+    data = {
+        "machine": run.info,
+        "model": {
+            "name": run.model,
+            "about": defn.about,
+            "folder": str(run.folder),
+            "img_tokens": defn.img_tokens,
+            "txt_tokens": defn.txt_tokens,
+            "warmup": defn.warmup,
+            "steps": defn.steps,
+            "checkpoint_bytes": run.info.get("checkpoint_bytes"),
+            "params": run.info.get("params"),
+        },
+        "command": " ".join(sys.argv),
+        "elapsed_s": time.perf_counter() - run.started,
+        "notes": run.notes,
+        "rows": run.rows,
+    }
     (run.out / "results.json").write_text(json.dumps(_finite(data), indent=1) + "\n")
     if chart:
         error = write_chart(run, run.out / "chart.png")
@@ -1099,17 +1295,30 @@ def _ensure_model_subprocess(model: str, timeout: float) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, a few rows (CPU smoke run, minutes)")
-    p.add_argument("--full", action="store_true", help="full Flux depth (19 + 38 blocks) instead of flux-width")
+    p.add_argument(
+        "--full", action="store_true", help="full Flux depth (19 + 38 blocks) instead of flux-width"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--model", choices=tuple(MODELS), help="override the model chosen by --quick/--full/--device")
-    p.add_argument("--rows", help="comma-separated fnmatch patterns over row ids (bf16 always runs), "
-                                  "e.g. 'ours/bnb:*,plain/bnb:*'")
+    p.add_argument(
+        "--model", choices=tuple(MODELS), help="override the model chosen by --quick/--full/--device"
+    )
+    p.add_argument(
+        "--rows",
+        help="comma-separated fnmatch patterns over row ids (bf16 always runs), "
+        "e.g. 'ours/bnb:*,plain/bnb:*'",
+    )
     p.add_argument("--out", help="output folder (default benchmarks/results/<machine>)")
     p.add_argument("--row-timeout", type=float, default=300.0, help="seconds before a row is killed")
-    p.add_argument("--budget-s", type=float, default=0.0,
-                   help="stop starting rows after this many seconds (0: no limit); the rest are skipped")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="stop starting rows after this many seconds (0: no limit); the rest are skipped",
+    )
     p.add_argument("--resume", action="store_true", help="reuse ok rows of an earlier run in --out")
     p.add_argument("--threads", type=int, help="torch threads in each row (default: torch's default)")
     p.add_argument("--list", action="store_true", help="print the row ids and exit")

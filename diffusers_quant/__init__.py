@@ -60,8 +60,10 @@ def quantized(plan: Plan | str | dict):
 
 def quantize(model, spec: Spec | str, *, kind: str | None = None, device: str | None = None):
     """Quantize an already-loaded model in place, module by module; returns its report row."""
+    import torch
+
     from .components import Component, kind_of_class
-    from .loading import quantize_loaded
+    from .loading import Load, quantize_loaded
     from .report import Report
     from .rules import enforce
 
@@ -69,17 +71,17 @@ def quantize(model, spec: Spec | str, *, kind: str | None = None, device: str | 
     kind = kind or kind_of_class(type(model))
     plan = Plan(entries=((kind, spec),), mode="post-load", device=device or _device_of(model))
     enforce(plan, [Component(kind, kind, type(model).__name__)])
-    report = Report(plan=str(plan))
-    quantize_loaded(model, spec, kind, kind, plan.device, report)
-    model.quant_report = report
-    return report[kind]
+    load = Load(type(model), kind, kind, None, None, torch.device(plan.device), Report(plan=str(plan)))
+    quantize_loaded(model, spec, load)
+    return load.report[kind]
 
 
-def save_quantized(model, folder) -> str:
-    """Save a quantized component to a new folder; loading that folder later needs no requantization."""
+def save_quantized(model, folder, **save_kwargs) -> str:
+    """Save a quantized component to a new folder with the library's own ``save_pretrained`` (atomically);
+    loading that folder later needs no requantization. Equivalent to ``model.save_pretrained(folder)``."""
     from .saving import save_quantized as _save
 
-    return str(_save(model, folder))
+    return str(_save(model, folder, **save_kwargs))
 
 
 def _device_of(model) -> str:

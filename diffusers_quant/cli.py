@@ -224,14 +224,14 @@ def cmd_inspect(args) -> int:
             "embedded config: " + ("yes" if "diffusers_quant.config" in f.metadata else "no (pass config=)")
         )
         return 0
-    from .saving import read_quant_metadata
+    from .saving import read_saved
 
-    meta = read_quant_metadata(args.path) if os.path.isdir(args.path) else None
-    if meta:
-        kinds = sorted({f"{e['backend']}:{e['config'].get('qtype')}" for e in meta["layers"].values()})
+    saved = read_saved(args.path) if os.path.isdir(args.path) else None
+    if saved:
+        backends = sorted({e["backend"] for e in saved.layers.values()})
         print(
-            f"saved by diffusers_quant: {len(meta['layers'])} quantized layers ({', '.join(kinds)}), "
-            f"dtype {meta['dtype']}"
+            f"quantized component ({saved.method} layout): {len(saved.layers)} quantized layers "
+            f"({', '.join(backends)}), {len(saved.files)} weight file(s)"
         )
         return 0
     print(f"{args.path}: no pre-quantized format recognised (plain checkpoint)")

@@ -85,12 +85,16 @@ def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def fp32_modules(model, dtype) -> set[str]:
-    """Module names the libraries keep in float32 at this load dtype (mirrors diffusers and transformers)."""
+    """Module names the libraries keep in float32 at this load dtype: diffusers keeps its
+    ``_keep_in_fp32_modules`` at fp16 and bf16 alike (``model_loading_utils.load_model_dict_into_meta``);
+    transformers only at fp16, and its ``_keep_in_fp32_modules_strict`` at both."""
     import torch
 
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
-    if dtype in (torch.float16, torch.bfloat16):
-        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype not in (torch.float16, torch.bfloat16):
+        return set()
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16 or not is_transformers_class(type(model)):
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     return keep
 
 

@@ -29,8 +29,8 @@ from .detect import is_gguf_file
 from .errors import QuantError
 from .loading import (
     ACTIVE_PIPELINE,
+    Load,
     PipelineLoad,
-    component_name,
     component_report,
     load_gguf,
     load_model,
@@ -83,8 +83,8 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
     active = ACTIVE_PIPELINE.get()
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
     if is_gguf_file(pretrained):  # recognised from its bytes: loaded packed, whatever the plan says
-        name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
-        return load_gguf(cls, pretrained, kwargs, plan, name, kind, active.report if active else None)
+        load = Load.create(cls, pretrained, kwargs, plan, active.report if active else None)
+        return load_gguf(load, pretrained, kwargs, plan)
     _refuse_on_load_for_single_files(plan)
     # Single files always go through the library's converter, then get quantized module by module.
     return load_model(original, cls, pretrained, args, kwargs, plan and plan.with_settings(mode="post-load"))
@@ -182,7 +182,8 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
         kind = kind_of_class(type(module))
         spec = plan.spec_for(name, kind) if hasattr(module, "parameters") else None
         if spec is not None:
-            quantize_loaded(module, spec, name, kind, plan.device, report)
+            load = Load(type(module), name, kind, None, None, torch.device(plan.device), report)
+            quantize_loaded(module, spec, load)
     return _finish_pipeline(pipe, plan, report)
 
 

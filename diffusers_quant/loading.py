@@ -6,16 +6,17 @@ import contextvars
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .components import Component, count_linears, fp32_modules, kind_of_class
+from .contract import attach, quantized_layers
 from .errors import QuantError
 from .post_load import quantize_model, state_nbytes
 from .report import ComponentReport, Report
 from .rules import enforce
-from .saving import load_prequantized, read_quant_metadata
+from .saving import SavedComponent, load_saved_component, read_saved
 from .spec import Plan, Spec
 from .streaming import plan_stream, stream_load
 
@@ -90,191 +91,146 @@ def fp_nbytes(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
     return total
 
 
+@dataclass
+class Load:
+    """One model load, built once by the hook and passed down: what is loaded, how, and where it reports."""
+
+    cls: type
+    name: str
+    kind: str
+    folder: str | None
+    dtype: torch.dtype | None
+    device: torch.device
+    report: Report
+    start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def create(cls, model_cls: type, pretrained, kwargs: dict, plan: Plan | None, report: Report | None):
+        plan = plan or Plan()
+        return cls(
+            cls=model_cls,
+            name=component_name(model_cls, pretrained, kwargs),
+            kind=kind_of_class(model_cls),
+            folder=_resolve_folder(pretrained, kwargs),
+            dtype=_load_dtype(kwargs, plan),
+            device=torch.device(plan.device),
+            report=report if report is not None else Report(plan=str(plan), offload=plan.offload),
+        )
+
+    def record(
+        self,
+        model: torch.nn.Module,
+        spec: Spec | str,
+        mode: str,
+        bytes_before: int,
+        quantized: int,
+        total: int,
+    ) -> torch.nn.Module:
+        """Make ``model`` a quantized model in the libraries' terms, and add its row to the report (bytes
+        after measured on the model itself)."""
+        if getattr(model, "hf_quantizer", None) is None:
+            attach(model, self.dtype)
+        if hasattr(model, "register_to_config") and self.folder is not None:
+            model.register_to_config(_name_or_path=str(self.folder))
+        self.report.add(
+            ComponentReport(
+                name=self.name,
+                kind=self.kind,
+                class_name=type(model).__name__,
+                spec=str(spec),
+                mode=mode,
+                bytes_before=bytes_before,
+                bytes_after=state_nbytes(model),
+                layers_quantized=quantized,
+                linears_total=total,
+                seconds=time.perf_counter() - self.start,
+                device=str(self.device),
+            )
+        )
+        model.quant_report = self.report
+        return model
+
+
 def load_quantized(
-    original: Callable,
-    cls: type,
-    pretrained,
-    args: tuple,
-    kwargs: dict,
-    plan: Plan,
-    spec: Spec,
-    name: str,
-    kind: str,
-    report: Report,
+    original: Callable, load: Load, pretrained, args: tuple, kwargs: dict, plan: Plan, spec: Spec
 ) -> torch.nn.Module:
     """Load one model with ``spec`` applied, on load when possible (or asked), else straight after load."""
-    dtype = _load_dtype(kwargs, plan)
-    device = torch.device(plan.device)
-    folder = _resolve_folder(pretrained, kwargs)
     stream = None
-    if plan.mode in ("auto", "on-load") and folder is not None:
-        stream = plan_stream(cls, folder, spec, kind, variant=kwargs.get("variant"))
+    if plan.mode in ("auto", "on-load") and load.folder is not None:
+        stream = plan_stream(load.cls, load.folder, spec, load.kind, variant=kwargs.get("variant"))
     if stream is None and plan.mode == "on-load":
         raise QuantError(
-            f"{name}: mode=on-load needs a local folder with safetensors weights in diffusers/transformers "
+            f"{load.name}: mode=on-load needs a local folder with safetensors weights in diffusers/transformers "
             f"layout (got {pretrained!r}); fix: use mode=post-load or mode=auto"
         )
-    start = time.perf_counter()
-    if stream is not None:
-        bytes_before, total = fp_nbytes(stream.model, dtype), count_linears(stream.model)
-        with _progress(len(stream.keys), f"{name}: {spec} on load (tensors)") as bar:
-            model = stream_load(
-                stream,
-                spec,
-                dtype=dtype,
-                compute_dtype=dtype or torch.float32,
-                device=device,
-                on_tensor=bar.update,
-            )
-        mode, quantized = "on-load", len(stream.selected)
-    else:
-        model = original(cls, pretrained, *args, **kwargs)
-        return quantize_loaded(
-            model, spec, name, kind, device, report, dtype=dtype, start=start, folder=folder
+    if stream is None:
+        model = original(load.cls, pretrained, *args, **kwargs)
+        return quantize_loaded(model, spec, load)
+    bytes_before, total = fp_nbytes(stream.model, load.dtype), count_linears(stream.model)
+    with _progress(len(stream.keys), f"{load.name}: {spec} on load (tensors)") as bar:
+        model = stream_load(
+            stream,
+            spec,
+            dtype=load.dtype,
+            compute_dtype=load.dtype or torch.float32,
+            device=load.device,
+            on_tensor=bar.update,
         )
-    return _record(
-        report, model, spec, name, kind, mode, bytes_before, quantized, total, start, device, folder
-    )
+    return load.record(model, spec, "on-load", bytes_before, len(stream.selected), total)
 
 
-def _record(
-    report: Report,
-    model: torch.nn.Module,
-    spec: Spec | str,
-    name: str,
-    kind: str,
-    mode: str,
-    bytes_before: int,
-    quantized: int,
-    total: int,
-    start: float,
-    device,
-    folder: str | None,
-):
-    """Add the component's row to the report (bytes after measured on the model itself)."""
-    if hasattr(model, "register_to_config") and folder is not None:
-        model.register_to_config(_name_or_path=str(folder))
-    report.add(
-        ComponentReport(
-            name=name,
-            kind=kind,
-            class_name=type(model).__name__,
-            spec=str(spec),
-            mode=mode,
-            bytes_before=bytes_before,
-            bytes_after=state_nbytes(model),
-            layers_quantized=quantized,
-            linears_total=total,
-            seconds=time.perf_counter() - start,
-            device=str(device),
-        )
-    )
-    return model
-
-
-def quantize_loaded(
-    model: torch.nn.Module,
-    spec: Spec,
-    name: str,
-    kind: str,
-    device: torch.device | str,
-    report: Report,
-    *,
-    dtype: torch.dtype | None = None,
-    start: float | None = None,
-    folder: str | None = None,
-) -> torch.nn.Module:
+def quantize_loaded(model: torch.nn.Module, spec: Spec, load: Load) -> torch.nn.Module:
     """Post-load: quantize an already-loaded model module by module, and report it."""
-    start = time.perf_counter() if start is None else start
     bytes_before = state_nbytes(model)
-    with _progress(None, f"{name}: {spec} after load (layers)") as bar:
-        stats = quantize_model(model, spec, kind, dtype or _float_dtype(model), device=device, progress=bar)
-    return _record(
-        report,
-        model,
-        spec,
-        name,
-        kind,
-        "post-load",
-        bytes_before,
-        stats.quantized_layers,
-        stats.total_linears,
-        start,
-        device,
-        folder,
-    )
+    dtype = load.dtype or _float_dtype(model)
+    with _progress(None, f"{load.name}: {spec} after load (layers)") as bar:
+        stats = quantize_model(model, spec, load.kind, dtype, device=load.device, progress=bar)
+    return load.record(model, spec, "post-load", bytes_before, stats.quantized_layers, stats.total_linears)
 
 
-def load_saved(
-    cls: type, folder: str, meta: dict, name: str, kind: str, plan: Plan | None, report: Report
-) -> torch.nn.Module:
-    """A component saved quantized by diffusers_quant: rebuilt as it is, no dataset, no requantizing."""
-    device = torch.device(plan.device if plan else "cpu")
-    dtype = getattr(torch, plan.dtype) if plan and plan.dtype else None
-    start = time.perf_counter()
-    model = load_prequantized(cls, folder, meta, device, compute_dtype=dtype)
-    specs = "+".join(
-        sorted({f"{e['backend']}:{e['config'].get('qtype', '?')}" for e in meta["layers"].values()})
-    )
-    quantized = len(meta["layers"])
+def load_saved(saved: SavedComponent, load: Load) -> torch.nn.Module:
+    """A component saved quantized (by this package, or diffusers / transformers in their layout): rebuilt
+    as it is, no dataset, no requantizing."""
+    model = load_saved_component(load.cls, saved, load.device, load.dtype)
+    layers = quantized_layers(model)
+    specs = "+".join(sorted({str(b.spec_of(m)) for b, m in layers.values()}))
     # Saved already quantized: the bytes before are the bytes on disk and in memory.
-    return _record(
-        report,
-        model,
-        specs,
-        name,
-        kind,
-        "pre-quantized",
-        state_nbytes(model),
-        quantized,
-        quantized + count_linears(model),
-        start,
-        device,
-        None,
-    )
+    nbytes = state_nbytes(model)
+    return load.record(model, specs, "pre-quantized", nbytes, len(layers), len(layers) + count_linears(model))
 
 
-def load_gguf(
-    cls: type, path, kwargs: dict, plan: Plan | None, name: str, kind: str, report: Report | None, config=None
-) -> torch.nn.Module:
+def load_gguf(load: Load, path, kwargs: dict, plan: Plan | None, config=None) -> torch.nn.Module:
     """A GGUF file for this component: checked against the rules, then loaded packed."""
     from .backends import get_backend
 
     plan = plan or Plan()
     spec = Spec("gguf", str(path))
-    enforce(Plan(entries=((name, spec),), offload=plan.offload, device=plan.device), [Component(name, kind)])
+    enforce(
+        Plan(entries=((load.name, spec),), offload=plan.offload, device=plan.device),
+        [Component(load.name, load.kind)],
+    )
     get_backend("gguf").require()
     from .backends.gguf.loader import load_gguf_model
 
-    dtype = _load_dtype(kwargs, plan)
-    start = time.perf_counter()
     loaded = load_gguf_model(
-        cls,
+        load.cls,
         path,
         config=config if config is not None else kwargs.get("config"),
         subfolder=kwargs.get("subfolder"),
-        dtype=dtype,
-        device=torch.device(plan.device),
+        dtype=load.dtype,
+        device=load.device,
     )
     model = loaded.model
     quantized = sum(get_backend("gguf").owns(m) for m in model.modules())
-    report = report or Report(plan=str(plan))
-    _record(
-        report,
+    load.folder = None
+    return load.record(
         model,
         f"gguf:{loaded.qtype.lower()}",
-        name,
-        kind,
         "pre-quantized",
         loaded.logical_bytes,
         quantized,
         quantized + count_linears(model),
-        start,
-        plan.device,
-        None,
     )
-    model.quant_report = report
-    return model
 
 
 def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: dict, plan: Plan | None):
@@ -282,34 +238,25 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     active = ACTIVE_PIPELINE.get()
     if plan is None and active is not None:
         plan = active.plan
-    # A saved quantized component is recognised from its header before anything else is read.
+    report = active.report if active is not None else None
+    # A saved quantized component is recognised from its config and headers before anything else is read.
     folder = _resolve_folder(pretrained, kwargs)
-    meta = read_quant_metadata(folder, kwargs.get("variant"))
-    if meta is not None:
-        name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
-        report = active.report if active is not None else Report(plan=str(plan or ""))
-        model = load_saved(cls, folder, meta, name, kind, plan, report)
-        model.quant_report = report
-        return model
+    saved = read_saved(folder, kwargs.get("variant"))
+    if saved is not None:
+        return load_saved(saved, Load.create(cls, pretrained, kwargs, plan, report))
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)
     name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
     spec = plan.spec_for(name, kind)
     if spec is None:
         return original(cls, pretrained, *args, **kwargs)
+    load = Load.create(cls, pretrained, kwargs, plan, report)
     if spec.backend == "gguf" and spec.qtype.lower().endswith(".gguf"):
         # transformer=gguf:/path/file.gguf: the file replaces this component; its folder gives the config.
-        return load_gguf(
-            cls, spec.qtype, kwargs, plan, name, kind, active.report if active else None, config=folder
-        )
+        return load_gguf(load, spec.qtype, kwargs, plan, config=folder)
     if active is None:  # a model loaded on its own: check its one component now
         enforce(plan, [Component(name, kind, cls.__name__)])
-        report = Report(plan=str(plan), offload=plan.offload)
-    else:
-        report = active.report
-    model = load_quantized(original, cls, pretrained, args, kwargs, plan, spec, name, kind, report)
-    model.quant_report = report
-    return model
+    return load_quantized(original, load, pretrained, args, kwargs, plan, spec)
 
 
 def component_report(name: str, module, kind: str) -> ComponentReport:

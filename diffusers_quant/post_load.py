@@ -31,6 +31,7 @@ def state_nbytes(module: torch.nn.Module) -> int:
     the quantized Flux-width model's GPU memory at peak, on an H100).
     """
     seen: set[int] = set()
+    alive = []  # temporaries made by _save_to_state_dict stay referenced, so their ids are not reused
     total = 0
     for sub in module.modules():
         held = dict(sub._parameters)
@@ -42,6 +43,7 @@ def state_nbytes(module: torch.nn.Module) -> int:
             if not isinstance(tensor, torch.Tensor) or id(tensor) in seen:  # tied weights count once
                 continue
             seen.add(id(tensor))
+            alive.append(tensor)
             total += _tensor_nbytes(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor)
     return total
 

@@ -1,10 +1,12 @@
-"""Save a quantized component and recognise it again from its bytes at the start of a load.
+"""Saved quantized components: written by the libraries' own ``save_pretrained`` (the model carries their
+quantizer and config, see ``contract``), recognised again from ``config.json`` and the safetensors headers at
+the start of a load, and rebuilt layer by layer without requantizing.
 
-A saved component is an ordinary model folder (config + one safetensors file under the library's usual
-name) whose safetensors header metadata carries a ``diffusers_quant`` entry: the quantization map
-(layer name -> backend and layer config).  Reading a safetensors header reads no tensor, so a load
-knows it is pre-quantized before any weight is touched, and loads it with no dataset and no
-requantization.
+Layouts: bitsandbytes and quanto folders are the libraries' own (``quantization_config`` with
+``quant_method`` ``bitsandbytes`` / ``quanto``; bnb's ``weight.absmax`` / ``weight.quant_state.*`` / ``SCB``
+keys, quanto's ``weight._data`` / ``weight._scale`` keys), so plain diffusers and transformers load them and
+this package loads theirs. NNCF and GGUF layers (and mixes) are saved with ``quant_method`` ``diffusers_quant``
+and the layer map in the config: plain loaders refuse that by name, so a silent wrong reload cannot happen.
 """
 
 from __future__ import annotations
@@ -13,71 +15,48 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .components import is_transformers_class
+from .components import fp32_modules, get_submodule_parent
+from .contract import OURS, attach, quantized_layers
 from .errors import QuantError
 from .streaming import build_empty, find_safetensors
 
-META_KEY = "diffusers_quant"
-FORMAT_VERSION = 1
+NATIVE_METHODS = {"bitsandbytes": "bnb", "quanto": "quanto"}
 
 
-def _weights_name(model: torch.nn.Module) -> str:
-    stem = "model" if is_transformers_class(type(model)) else "diffusion_pytorch_model"
-    return f"{stem}.safetensors"
+@dataclass
+class SavedComponent:
+    """What a saved folder holds, from its config and safetensors headers (no tensor read)."""
+
+    folder: Path
+    method: str
+    files: list[Path]
+    layers: dict[str, dict]  # layer name -> {"backend": name, "config": layer config or None}
+    keys: dict[str, Path]  # every tensor name -> the file holding it
 
 
-def quantization_map(model: torch.nn.Module) -> dict[str, dict]:
-    """Layer name -> {backend, config} for every saveable quantized layer; refuses unsaveable ones."""
-    from .backends import backend_of
-
-    layers: dict[str, dict] = {}
-    for name, module in model.named_modules():
-        backend = backend_of(module)
-        if backend is None:
-            continue
-        if not backend.saves:
-            raise QuantError(
-                f"cannot save layer {name!r} ({type(module).__name__}): saving is supported for nncf-quantized "
-                "components so far; fix: quantize with an nncf spec, or keep the original checkpoint and "
-                "quantize it on load"
-            )
-        layers[name] = {"backend": backend.name, "config": backend.layer_config(module)}
-    return layers
-
-
-def save_quantized(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
-    """Write ``model`` (with its quantized layers) to a new folder, atomically."""
+def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, **save_kwargs) -> Path:
+    """Write a quantized ``model`` to a new folder with the library's own ``save_pretrained``, atomically:
+    written under a temporary name beside the target, then renamed."""
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise QuantError(f"{folder} already exists and is not empty; fix: save into a new folder")
-    layers = quantization_map(model)
-    if not layers:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise QuantError(f"{folder} already exists and is not an empty folder; fix: save into a new folder")
+    if not quantized_layers(model):
         raise QuantError(
             "this model has no quantized layers to save; fix: load it with a plan first, "
             "or save it with the library's own save_pretrained"
         )
-    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
-    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    meta = {"version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""), "layers": layers}
+    if getattr(model, "hf_quantizer", None) is None:
+        attach(model)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        from safetensors.torch import save_file
-
-        if is_transformers_class(type(model)):
-            model.config.save_pretrained(tmp)
-        else:
-            model.save_config(tmp)
-        save_file(
-            {k: v.cpu() for k, v in state.items()},
-            str(tmp / _weights_name(model)),
-            metadata={"format": "pt", META_KEY: json.dumps(meta)},
-        )
+        model.save_pretrained(tmp, **save_kwargs)
+        _normal_permissions(tmp)
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)
@@ -86,80 +65,179 @@ def save_quantized(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def read_quant_metadata(folder: str | os.PathLike | None, variant: str | None = None) -> dict | None:
-    """The quantization map from a folder's safetensors header, or None if it is not a saved component."""
-    if folder is None:
+def _normal_permissions(folder: Path) -> None:
+    # mkdtemp makes the folder 0700; a saved model is an ordinary folder (umask decides, as for mkdir)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def _config_json(folder: Path) -> dict | None:
+    path = folder / "config.json"
+    if not path.is_file():
         return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuantError(
+            f"{path}: not a readable JSON config ({exc}); fix: re-save or re-download it"
+        ) from None
+    return config if isinstance(config, dict) else None
+
+
+def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> SavedComponent | None:
+    """The saved quantized component in ``folder``, or None if it holds a plain (or foreign) checkpoint."""
+    if folder is None or not os.path.isdir(folder):
+        return None
+    folder = Path(folder)
+    config = _config_json(folder)
+    qconfig = (config or {}).get("quantization_config")
+    if not isinstance(qconfig, dict):
+        return None
+    method = OURS if qconfig.get("format") == OURS else qconfig.get("quant_method")
+    if qconfig.get("load_in_4bit") or qconfig.get("load_in_8bit"):
+        method = "bitsandbytes"
+    if method != OURS and method not in NATIVE_METHODS:
+        return None  # another library's format (torchao, sdnq ...): its own loader reads it
     files = find_safetensors(folder, variant)
-    if not files or len(files) != 1:
-        return None
+    if not files:
+        raise QuantError(
+            f"{folder}: its config says it is quantized ({method}) but it holds no safetensors weights; "
+            "fix: save it again"
+        )
+    keys = _header_keys(files)
+    if method == OURS:
+        layers = qconfig.get("layers")
+        if not isinstance(layers, dict) or not layers:
+            raise QuantError(
+                f"{folder}/config.json: its diffusers_quant layer map is missing; fix: save it again"
+            )
+    else:
+        from .backends import get_backend
+
+        backend = NATIVE_METHODS[method]
+        layers = {
+            name: {"backend": backend, "config": None} for name in get_backend(backend).saved_layers(keys)
+        }
+    return SavedComponent(folder, method, files, layers, keys)
+
+
+def _header_keys(files: list[Path]) -> dict[str, Path]:
     from safetensors import safe_open
 
-    try:
-        with safe_open(files[0], framework="pt") as f:
-            text = (f.metadata() or {}).get(META_KEY)
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise QuantError(
-            f"{files[0]}: not a readable safetensors file ({exc}); fix: re-save or re-download it"
-        ) from None
-    if text is None:
-        return None
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError:
-        raise QuantError(
-            f"{files[0]}: its diffusers_quant header is not valid JSON; fix: save it again"
-        ) from None
-    if meta.get("version") != FORMAT_VERSION:
-        raise QuantError(
-            f"{files[0]}: saved with diffusers_quant format {meta.get('version')!r}; this version "
-            f"reads format {FORMAT_VERSION}; fix: upgrade diffusers-quant"
-        )
-    meta["file"] = str(files[0])
-    return meta
+    keys: dict[str, Path] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys.update(dict.fromkeys(f.keys(), path))
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise QuantError(
+                f"{path}: not a readable safetensors file ({exc}); fix: re-save or re-download it"
+            ) from None
+    return keys
 
 
-def load_prequantized(
+def _layer_of(key: str, layers: dict) -> tuple[str, str] | None:
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in layers:
+            return prefix, ".".join(parts[i:])
+    return None
+
+
+def load_saved_component(
     cls: type,
-    folder: str | os.PathLike,
-    meta: dict,
+    saved: SavedComponent,
     device: torch.device | str,
-    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """Rebuild a saved quantized component: empty layers from the map, then the tensors assigned in."""
+    """Rebuild a saved quantized component: the model on the meta device, each quantized layer from its own
+    tensors, every other tensor placed at ``dtype`` (float32 if none, as diffusers loads)."""
+    from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
 
     from .backends import get_backend
-    from .components import get_submodule_parent
 
-    dtype = getattr(torch, meta.get("dtype", "float32"))
-    model = build_empty(cls, folder)
-    for name, entry in meta["layers"].items():
-        backend = get_backend(entry["backend"])
-        parent, attr = get_submodule_parent(model, name)
-        setattr(parent, attr, backend.empty_layer(entry["config"], dtype=dtype, compute_dtype=compute_dtype))
-    try:
-        with safe_open(meta["file"], framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise QuantError(
-            f"{meta['file']}: could not read its tensors ({exc}); the file may be truncated; "
-            "fix: save it again"
-        ) from None
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise QuantError(
-            f"{meta['file']}: tensors {result.unexpected_keys[:3]} do not belong to {cls.__name__}; "
-            "fix: load it with the class it was saved from"
-        )
+    device = torch.device(device)
+    model = build_empty(cls, saved.folder)
+    dtype = dtype or torch.float32
+    keep_fp32 = fp32_modules(model, dtype)
+    expected = set(model.state_dict())
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    wanted = {name: set() for name in saved.layers}
+    for key in saved.keys:
+        owner = _layer_of(key, saved.layers)
+        if owner is not None:
+            wanted[owner[0]].add(owner[1])
+    for path in saved.files:
+        try:
+            handle = safe_open(path, framework="pt", device="cpu")
+        except Exception as exc:
+            raise QuantError(f"{path}: could not read its tensors ({exc}); fix: save it again") from None
+        with handle as f:
+            for key in f.keys():
+                owner = _layer_of(key, saved.layers)
+                try:
+                    # a copy: safetensors' tensors can sit at any byte offset, and CPU matmuls round
+                    # differently on unaligned data (the reload must compute what the saved model did)
+                    tensor = f.get_tensor(key).clone()
+                except Exception as exc:
+                    raise QuantError(
+                        f"{path}: tensor {key!r} cannot be read ({exc}); the file may be truncated; fix: save it again"
+                    ) from None
+                if owner is None:
+                    if key not in expected:
+                        raise QuantError(
+                            f"{path}: tensor {key!r} does not belong to {cls.__name__}; fix: load it with "
+                            "the class it was saved from"
+                        )
+                    value_dtype = None
+                    if tensor.is_floating_point():
+                        value_dtype = torch.float32 if keep_fp32.intersection(key.split(".")) else dtype
+                    set_module_tensor_to_device(model, key, device, value=tensor, dtype=value_dtype)
+                    continue
+                name, rest = owner
+                pending.setdefault(name, {})[rest] = tensor
+                if set(pending[name]) == wanted[name]:
+                    _place_layer(model, name, saved, pending.pop(name), dtype, device, get_backend, path)
+    if pending or any(not wanted[n] for n in wanted):
+        missing = sorted(set(pending) | {n for n in wanted if not wanted[n]})
+        raise QuantError(f"{saved.folder}: no complete tensors for layers {missing[:3]}; fix: save it again")
     if hasattr(model, "tie_weights") and getattr(model, "all_tied_weights_keys", None):
         model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
         raise QuantError(
-            f"{meta['file']}: no tensor for {missing[:3]}; the file is incomplete; fix: save it again"
+            f"{saved.folder}: no tensor for {still_meta[:3]}; the checkpoint is incomplete; fix: save it again"
         )
-    model.to(device)
+    model.to(device)  # non-persistent buffers were built on the CPU
     model.eval()
     model.requires_grad_(False)
+    attach(model, dtype)
     return model
+
+
+def _place_layer(model, name, saved, tensors, dtype, device, get_backend, path) -> None:
+    entry = saved.layers[name]
+    try:
+        placeholder = model.get_submodule(name)
+    except AttributeError:
+        raise QuantError(
+            f"{path}: layer {name!r} has no place in {type(model).__name__}; fix: load it with the class it was saved from"
+        ) from None
+    config = entry.get("config") or {
+        "in_features": placeholder.in_features,
+        "out_features": placeholder.out_features,
+        "bias": placeholder.bias is not None,
+    }
+    compute_dtype = dtype if dtype != torch.float32 else None
+    if "bias" in tensors and tensors["bias"].is_floating_point():
+        tensors["bias"] = tensors["bias"].to(dtype)  # the load's dtype, as every other float tensor
+    try:
+        layer = get_backend(entry["backend"]).layer_from_state(tensors, config, dtype, compute_dtype, device)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise QuantError(f"{path}: layer {name!r} cannot be rebuilt ({exc}); fix: save it again") from None
+    parent, attr = get_submodule_parent(model, name)
+    setattr(parent, attr, layer)

@@ -94,5 +94,50 @@ class Backend:
         """An uninitialised layer on the meta device that a saved state dict is assigned into."""
         raise NotImplementedError
 
+    # --- the model contract: saving, reloading, dequantizing, fusing (see ``contract`` and ``saving``) ---
+
+    def native_method(self, module: torch.nn.Module) -> str | None:
+        """The libraries' ``quant_method`` for a layer like ``module`` where they have a format for it."""
+        return None
+
+    def model_flags(self, module: torch.nn.Module) -> dict[str, object]:
+        """Attributes a model holding layers like ``module`` carries for the libraries and PEFT."""
+        return {}
+
+    def native_config(self, layers: list, skip: list[str], library: str, compute_dtype):
+        """The library's own ``quantization_config`` for a model whose quantized layers are ``layers``
+        (``skip``: the library's skip list for the Linear layers left in full precision), or None where the
+        library has no format for them (then the model saves in this package's format)."""
+        return None
+
+    def saved_layers(self, keys) -> set[str]:
+        """Names of the layers a checkpoint in the library's layout holds in this backend's format, from its
+        tensor names alone (no tensor read)."""
+        return set()
+
+    def layer_from_state(
+        self,
+        tensors: dict[str, torch.Tensor],
+        config: dict | None,
+        dtype: torch.dtype,
+        compute_dtype: torch.dtype | None,
+        device: torch.device | str,
+    ) -> torch.nn.Module:
+        """Rebuild one saved quantized layer from its own tensors (names relative to the layer) on ``device``,
+        without requantizing; ``config`` is its entry in the layer map, where the format has one."""
+        layer = self.empty_layer(config, dtype=dtype, compute_dtype=compute_dtype)
+        result = layer.load_state_dict(tensors, strict=False, assign=True)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        return layer.to(device)
+
+    def dequantize_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        """The layer's weight in full precision (float32, or the layer's compute dtype), on its device."""
+        raise NotImplementedError
+
+    def spec_of(self, module: torch.nn.Module) -> Spec:
+        """A Spec that quantizes a float weight into a layer like ``module`` (used to re-quantize on fuse)."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return f"{self.name}: {', '.join(self.qtypes)}"

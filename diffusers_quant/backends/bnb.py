@@ -109,3 +109,113 @@ class BnbBackend(Backend):
         if has_bias:
             layer.bias = torch.nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
         return layer.to(device)
+
+    # --- the model contract: bitsandbytes' own layout and config, as diffusers and transformers save it ---
+
+    def model_flags(self, module):
+        eight = type(module).__name__ == "Linear8bitLt"
+        # PEFT picks its bnb LoRA layers (whose merge dequantizes and re-quantizes) from these flags
+        return {
+            "is_loaded_in_8bit": eight,
+            "is_loaded_in_4bit": not eight,
+            "is_8bit_serializable": True,
+            "is_4bit_serializable": True,
+        }
+
+    def native_method(self, module):
+        return "bitsandbytes"
+
+    def native_config(self, layers: list, skip: list[str], library: str, compute_dtype):
+        import torch
+
+        if library == "transformers":
+            from transformers import BitsAndBytesConfig
+        else:
+            from diffusers import BitsAndBytesConfig
+        first = layers[0]
+        if type(first).__name__ == "Linear8bitLt":
+            return BitsAndBytesConfig(
+                load_in_8bit=True, llm_int8_threshold=first.state.threshold, llm_int8_skip_modules=skip
+            )
+        weight = first.weight
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=weight.quant_type,
+            bnb_4bit_use_double_quant=bool(weight.compress_statistics),
+            bnb_4bit_compute_dtype=first.compute_dtype or compute_dtype or torch.float32,
+            bnb_4bit_quant_storage=str(weight.quant_storage).replace("torch.", ""),
+            llm_int8_skip_modules=skip,
+        )
+
+    def saved_layers(self, keys) -> set[str]:
+        layers = set()
+        for key in keys:
+            for marker in (".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4"):
+                if key.endswith(marker):
+                    layers.add(key[: -len(marker)])
+            if key.endswith(".SCB"):
+                layers.add(key[: -len(".SCB")])
+        return layers
+
+    def layer_from_state(self, tensors, config, dtype, compute_dtype, device):
+        self.require()
+        import bitsandbytes as bnb
+        import torch
+
+        has_bias = "bias" in tensors
+        device = torch.device(device)
+        if "SCB" in tensors:
+            layer = bnb.nn.Linear8bitLt(
+                config["in_features"],
+                config["out_features"],
+                bias=has_bias,
+                has_fp16_weights=False,
+                threshold=float(config.get("threshold", 6.0)),
+                device="meta",
+            )
+            data = tensors["weight"].to(device)
+            weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+            weight.CB, weight.SCB = data, tensors["SCB"].to(device)
+            layer.weight = weight
+        else:
+            layer = bnb.nn.Linear4bit(
+                config["in_features"],
+                config["out_features"],
+                bias=has_bias,
+                compute_dtype=compute_dtype,
+                device="meta",
+            )
+            stats = {k[len("weight.") :]: v for k, v in tensors.items() if k.startswith("weight.")}
+            layer.weight = bnb.nn.Params4bit.from_prequantized(
+                tensors["weight"], stats, requires_grad=False, device=device, module=layer
+            )
+            layer.quant_type = layer.weight.quant_type
+        if has_bias:
+            bias = tensors["bias"].to(device, compute_dtype or dtype or tensors["bias"].dtype)
+            layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+        return layer
+
+    def dequantize_weight(self, module):
+        import bitsandbytes.functional as F
+        import torch
+
+        weight = module.weight
+        if type(module).__name__ == "Linear8bitLt":
+            scb = weight.SCB if weight.SCB is not None else module.state.SCB
+            return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
+        return F.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+
+    def spec_of(self, module):
+        from ..spec import Spec
+
+        # options at their defaults are left out, so the report reads as the plan was written
+        if type(module).__name__ == "Linear8bitLt":
+            threshold = float(module.state.threshold)
+            return Spec.create(self.name, "int8", **({} if threshold == 6.0 else {"threshold": threshold}))
+        weight = module.weight
+        options = {}
+        if not weight.compress_statistics:
+            options["double_quant"] = False
+        if weight.blocksize != 64:
+            options["blocksize"] = weight.blocksize
+        return Spec.create(self.name, weight.quant_type, **options)

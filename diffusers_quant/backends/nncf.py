@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..errors import SpecError
 from .base import Backend
 
 if TYPE_CHECKING:
-    import torch
-
     from ..spec import Spec
 
 
@@ -76,3 +76,13 @@ class NncfBackend(Backend):
         from .nncf_ops import NNCFLinear
 
         return NNCFLinear.empty(**config, dtype=dtype, device="meta", compute_dtype=compute_dtype)
+
+    def dequantize_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        return module.dequantize(torch.float32)
+
+    def spec_of(self, module: torch.nn.Module) -> Spec:
+        from ..spec import Spec
+
+        if module.qtype.startswith("int4") and module.group_size != 64:  # 64: the default, left out
+            return Spec.create(self.name, module.qtype, group_size=module.group_size)
+        return Spec.create(self.name, module.qtype)

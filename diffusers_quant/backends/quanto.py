@@ -84,6 +84,112 @@ class QuantoBackend(Backend):
         layer.requires_grad_(False)
         return layer
 
+    # --- the model contract: quanto's own layout and config, as diffusers and transformers save it ---
+
+    def native_method(self, module):
+        return "quanto"
+
+    def native_config(self, layers: list, skip: list[str], library: str, compute_dtype):
+        qtypes = {_library_weights(m.weight.qtype.name) for m in layers}
+        if len(qtypes) != 1 or None in qtypes:
+            return None  # the libraries' config has one weights dtype per model, float8 meaning e4m3fn
+        weights = qtypes.pop()
+        if library == "transformers":
+            return None  # transformers 5 cannot load a saved quanto model: ours is refused by name instead
+        import warnings
+
+        from diffusers import QuantoConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers deprecates QuantoConfig for 1.0
+            return QuantoConfig(weights_dtype=weights, modules_to_not_convert=skip)
+
+    def saved_layers(self, keys) -> set[str]:
+        layers = set()
+        for key in keys:
+            for marker in (".weight._data._data", ".weight._data"):
+                if key.endswith(marker):
+                    layers.add(key[: -len(marker)])
+                    break
+        return layers
+
+    def layer_from_state(self, tensors, config, dtype, compute_dtype, device):
+        self.require()
+        from optimum import quanto
+
+        qtype = _saved_qtype(tensors)
+        layer = quanto.QLinear(
+            config["in_features"],
+            config["out_features"],
+            bias="bias" in tensors,
+            weights=getattr(quanto, qtype),
+            device="meta",
+            dtype=tensors["bias"].dtype if "bias" in tensors else dtype,
+        )
+        # scales follow the load's dtype, as quanto's own reload into a QLinear of that dtype does
+        cpu = {
+            k: v.to("cpu", dtype) if k in ("weight._scale", "weight._shift") else v.to("cpu")
+            for k, v in tensors.items()
+        }
+        result = layer.load_state_dict(cpu, strict=False, assign=True)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        layer.weight = torch.nn.Parameter(as_portable(layer.weight.data), requires_grad=False)
+        layer.requires_grad_(False)
+        return layer.to(device)
+
+    def dequantize_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        return module.weight.data.dequantize().to(torch.float32)
+
+    def spec_of(self, module: torch.nn.Module) -> Spec:
+        from ..spec import Spec
+
+        name = module.weight.qtype.name
+        return Spec.create(self.name, "qfloat8" if name == "qfloat8_e4m3fn" else name)
+
+
+def _library_weights(qtype_name: str) -> str | None:
+    """quanto's qtype name as the libraries' ``weights`` option names it ("qint8" -> "int8")."""
+    return {"qint8": "int8", "qint4": "int4", "qint2": "int2", "qfloat8_e4m3fn": "float8"}.get(qtype_name)
+
+
+def _saved_qtype(tensors: dict[str, torch.Tensor]) -> str:
+    """quanto's qtype from a saved layer's tensors: packed data means 2 or 4 bits (from the packing
+    ratio), else the data's dtype."""
+    if "weight._data._data" in tensors:
+        rows = tensors["weight._data._data"].shape[0]
+        groups = tensors["weight._scale"].shape[0]
+        # packed rows = ceil(rows * groups / (8 // bits)); scale has one row per group
+        ratio = groups / rows
+        return "qint2" if ratio > 2.5 else "qint4"
+    data = tensors["weight._data"]
+    return "qfloat8" if data.dtype.is_floating_point else "qint8"
+
+
+def as_portable(weight: torch.Tensor) -> torch.Tensor:
+    """A quanto weight in the portable subclass (moves keep its layout); quanto's own tensor is converted
+    back to its unoptimized form first."""
+    from optimum.quanto.tensor.weights import WeightQBitsTensor
+
+    if isinstance(weight, WeightQBitsTensor):
+        if type(weight) is not WeightQBitsTensor and not type(weight).__name__.startswith("Portable"):
+            weight = weight.weight_qbits_tensor()
+        return portable_class(4)(
+            weight.qtype,
+            weight.axis,
+            weight._group_size,
+            weight.size(),
+            weight.stride(),
+            weight._data,
+            weight._scale,
+            weight._shift,
+        )
+    if type(weight).__name__ != "WeightQBytesTensor" and hasattr(weight, "weight_qbytes_tensor"):
+        weight = weight.weight_qbytes_tensor()
+    return portable_class(8)(
+        weight.qtype, weight.axis, weight.size(), weight.stride(), weight._data, weight._scale, None
+    )
+
 
 # Elements quantized per block: quanto's intermediates then stay a few MB whatever the layer size.
 _BLOCK_ELEMENTS = 1 << 20

@@ -42,6 +42,7 @@ class GgufBackend(Backend):
     extra = "gguf"
     qtypes = tuple(QUANTIZE_TYPES)
     layer_types = ("GGUFLinear",)
+    saves = True
 
     def normalize_qtype(self, qtype: str) -> str:
         if qtype.lower().endswith(".gguf"):
@@ -77,6 +78,48 @@ class GgufBackend(Backend):
         if is_file_spec(spec):
             raise SpecError(f"{spec} names a file; it is loaded as it is, not used to quantize a layer")
         return GGUFLinear.from_linear(linear, spec.qtype.upper(), compute_dtype=compute_dtype, device=device)
+
+    def layer_config(self, module: torch.nn.Module) -> dict | None:
+        if not self.owns(module):
+            return None
+        return {
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+            "qtype": module.qtype,
+        }
+
+    def empty_layer(
+        self, config: dict, dtype: torch.dtype, compute_dtype: torch.dtype | None
+    ) -> torch.nn.Module:
+        from .nn import GGUFLinear
+
+        return GGUFLinear(
+            config["in_features"],
+            config["out_features"],
+            bool(config["bias"]),
+            qtype=config["qtype"],
+            compute_dtype=compute_dtype,
+            device="meta",
+            bias_dtype=dtype,
+        )
+
+    def dequantize_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        import torch
+
+        return module.dequantize_weight(torch.float32)
+
+    def spec_of(self, module: torch.nn.Module) -> Spec:
+        from ...spec import Spec
+
+        qtype = module.qtype.lower()
+        if qtype not in QUANTIZE_TYPES:
+            raise SpecError(
+                f"a GGUF {module.qtype} layer cannot be re-quantized here (gguf-py quantizes to "
+                f"{choices(QUANTIZE_TYPES)}); fix: keep the LoRA unfused (set_adapters / disable_lora), or "
+                "load the full-precision model to fuse"
+            )
+        return Spec.create(self.name, qtype)
 
 
 def portable_config(config) -> dict:

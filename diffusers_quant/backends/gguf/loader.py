@@ -81,7 +81,7 @@ def load_gguf_model(
         raise QuantError(f"{path}: {exc}") from None
     with init_empty_weights():
         model = cls.from_config(cfg)
-    dtype = dtype or torch.bfloat16
+    dtype = dtype or torch.float32  # the caller's dtype; with none, float32, as diffusers loads
     linears: dict[str, GGUFWeight] = {}
     expected = model.state_dict()
     for key, weight in converted.items():
