@@ -747,9 +747,9 @@ def _worker_env() -> dict:
     env.pop("DIFFUSERS_QUANT", None)  # plain rows must see no ambient plan
     if env.pop("PYTHONDONTWRITEBYTECODE", None):
         # Each row is a fresh interpreter: without bytecode caching every one recompiles torch, diffusers and
-        # the backends (seconds per row). Cache it under our cache folder, never beside the sources.
-        user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        env.setdefault("PYTHONPYCACHEPREFIX", str(user_cache / "diffusers_quant" / "pycache"))
+        # the backends (seconds per row). Cache it in the cache folder the caller chose (the tests point
+        # DIFFUSERS_QUANT_CACHE at a temporary one), never beside the sources nor in a fixed home folder.
+        env.setdefault("PYTHONPYCACHEPREFIX", str(cache_root() / "pycache"))
     return env
 
 

@@ -20,17 +20,17 @@ def _plan(args):
     return plan.with_settings(mode=args.mode, device=args.device, dtype=args.dtype)
 
 
-def _model_path(args) -> tuple[str, bool]:
-    """The pipeline to load, and whether it is the embedded demo."""
+def _model_path(args) -> tuple[str, str | None]:
+    """The pipeline to load, and which demo it is (None for any other pipeline)."""
+    from .demo import demo_name, demo_path
+
     if args.model:
         if not os.path.exists(args.model):
             raise QuantError(
                 f"--model {args.model!r} does not exist; give a local pipeline folder or a single file"
             )
-        return args.model, False
-    from .demo import demo_path
-
-    return str(demo_path(args.demo)), True
+        return args.model, demo_name(args.model) if os.path.isdir(args.model) else None
+    return str(demo_path(args.demo)), args.demo
 
 
 def _load_pipeline(path: str, plan, pipeline: str | None):
@@ -56,29 +56,84 @@ def _load_pipeline(path: str, plan, pipeline: str | None):
 
 
 def cmd_generate(args) -> int:
+    from dataclasses import replace
+
     from . import install
-    from .demo import generate_kwargs
 
     plan = _plan(args)
-    path, is_demo = _model_path(args)
+    out = Path(args.out)
+    _refuse_image_suffix(out)
+    path, demo = _model_path(args)
     install()
     start = time.perf_counter()
     pipe = _load_pipeline(path, plan, args.pipeline)
     load_seconds = time.perf_counter() - start
-    print(pipe.quant_report)
+    report = pipe.quant_report
+    print(report)
     print(f"load time: {load_seconds:.2f}s")
-    size = (
-        {"height": args.height or 64, "width": args.width or 64}
-        if is_demo
-        else {"height": args.height, "width": args.width}
-    )
-    kwargs = generate_kwargs(pipe, prompt=args.prompt, steps=args.steps, seed=args.seed, **size)
-    image = pipe(**kwargs).images[0]
-    out = Path(args.out)
+    quantized = _render(pipe, args, demo)
+    del pipe  # the full-precision pipeline below must not sit beside it in memory
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    _to_pil(quantized).save(out)
     print(f"wrote {out.resolve()}")
+    if args.compare:
+        import gc
+
+        import numpy as np
+
+        from .report import comparison_sheet
+
+        gc.collect()
+        full = _render(_load_pipeline(path, replace(plan, entries=()), args.pipeline), args, demo)
+        rel_l2 = float(np.linalg.norm(quantized - full) / max(float(np.linalg.norm(full)), 1e-12))
+        sheet = out.with_name(f"{out.stem}-compare.png")
+        comparison_sheet(full, quantized, _sheet_lines(report, rel_l2)).save(sheet)
+        print(f"wrote {sheet.resolve()} (full precision | quantized | difference; rel-L2 {rel_l2:.4f})")
+    if demo:
+        from .demo import RANDOM_WEIGHTS_NOTE
+
+        print(RANDOM_WEIGHTS_NOTE + ("" if args.compare else " (drop --no-compare to get the sheet)"))
     return 0
+
+
+def _render(pipe, args, demo: str | None):
+    """One image as a float HxWx3 array in [0, 1]; demo pipelines default to the size they are built for."""
+    from .demo import DEMO_SIZE, generate_kwargs
+
+    default = DEMO_SIZE if demo else None
+    size = {"height": args.height or default, "width": args.width or default}
+    kwargs = generate_kwargs(pipe, prompt=args.prompt, steps=args.steps, seed=args.seed, **size)
+    return pipe(**kwargs, output_type="np").images[0]
+
+
+def _to_pil(image):
+    from PIL import Image
+
+    return Image.fromarray((image * 255).round().clip(0, 255).astype("uint8"))  # as diffusers' numpy_to_pil
+
+
+def _sheet_lines(report, rel_l2: float) -> list[str]:
+    before = sum(c.bytes_before for c in report.components)
+    after = sum(c.bytes_after for c in report.components)
+    quantized = ", ".join(
+        f"{c.name} {c.spec} {c.bytes_before / 2**20:.2f} -> {c.bytes_after / 2**20:.2f} MiB"
+        for c in report.components
+        if c.spec
+    )
+    return [
+        f"plan: {report.plan or '(none)'}",
+        f"bytes: {before / 2**20:.2f} -> {after / 2**20:.2f} MiB" + (f" ({quantized})" if quantized else ""),
+        f"rel-L2 quantized vs full precision: {rel_l2:.4f}",
+    ]
+
+
+def _refuse_image_suffix(out: Path) -> None:
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise QuantError(
+            f"--out {str(out)!r}: not an image file name; fix: end it with .png (or .jpg, .webp)"
+        )
 
 
 def cmd_check(args) -> int:
@@ -91,7 +146,7 @@ def cmd_check(args) -> int:
     components = _pipeline_components(object, path, {})
     found = problems(plan, components, whole_pipeline=True)
     for c in components:
-        spec = plan.spec_for(c.name, c.kind)
+        spec = plan.spec_for(c.name, c.kind, pipeline=True)
         print(f"{c.name:16} {c.kind:13} {spec or '-'}")
     if found:
         print("refused:\n" + "\n".join(f"  - {p}" for p in found))
@@ -150,83 +205,155 @@ def _model_class(folder: str):
 
 
 def cmd_quantize(args) -> int:
-    """Quantize one component and write it: a .gguf file for gguf specs, else a saved folder."""
+    """Quantize one component and write it: a .gguf file for gguf specs, else a saved folder.
+
+    Everything that can refuse is checked first: no refusal comes after the model is loaded."""
     import torch
 
-    from .spec import Spec
+    from .components import Component, kind_of_class
+    from .rules import enforce
+    from .spec import Plan, Spec, normalize_dtype
 
     spec = Spec.parse(args.quant)
+    dtype = getattr(torch, normalize_dtype(args.dtype or "bfloat16"))
+    out = Path(args.out)
+    _refuse_out(spec, out)
     if not os.path.exists(args.model):
         raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
     folder, name = _component_folder(args.model, args.component)
     cls = _model_class(folder)
-    from .components import kind_of_class
-
     kind = kind_of_class(cls)
+    plan = Plan(entries=((name, spec),), mode="auto")
+    enforce(plan, [Component(name, kind, cls.__name__)])
     if spec.backend == "gguf":
         from .backends import get_backend
-        from .backends.gguf import portable_config
-        from .backends.gguf.writer import write_gguf
-        from .components import DEFAULT_EXCLUDE, Component, _matches_full
-        from .rules import enforce
-        from .spec import Plan
-
-        enforce(Plan(entries=((name, spec),)), [Component(name, kind)])
 
         get_backend("gguf").require()
-        model = cls.from_pretrained(folder)
-        keep = DEFAULT_EXCLUDE.get(kind, ())
-        written = write_gguf(
-            args.out,
-            model.state_dict(),
-            spec.qtype.upper(),
-            arch=cls.__name__,
-            config=portable_config(model.config),
-            keep_full_precision=lambda key, _t: _matches_full(key.rpartition(".")[0], keep),
-        )
-        counts: dict[str, int] = {}
-        for t in written.values():
-            counts[t] = counts.get(t, 0) + 1
-        print(
-            f"wrote {args.out}: {len(written)} tensors ({', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))})"
-        )
-        return 0
+        return _write_gguf(cls, folder, kind, spec, out)
     from . import install, save_quantized
-    from .spec import Plan
 
     install()
-    plan = Plan(entries=((name, spec),), mode="auto")
-    model = cls.from_pretrained(folder, dtype=getattr(torch, args.dtype or "bfloat16"), quant=plan)
+    model = cls.from_pretrained(folder, dtype=dtype, quant=plan)
     print(model.quant_report)
-    print(f"wrote {save_quantized(model, args.out)}")
+    print(f"wrote {save_quantized(model, out)}")
+    return 0
+
+
+_FILE_SUFFIXES = (".gguf", ".safetensors")
+
+
+def _refuse_out(spec, out: Path) -> None:
+    """--out must name what the spec writes: a .gguf file for gguf, else a new folder."""
+    from .backends.gguf import is_file_spec
+
+    if is_file_spec(spec):
+        raise QuantError(
+            f"--quant {spec}: quantize writes a new file, so it takes a type to quantize to; "
+            "fix: e.g. --quant gguf:q8_0 (a .gguf file is loaded with the plan transformer=gguf:<file>)"
+        )
+    if spec.backend == "gguf":
+        if out.suffix.lower() != ".gguf":
+            raise QuantError(
+                f"--out {str(out)!r}: a gguf spec writes one GGUF file; fix: --out {out.with_suffix('.gguf')}"
+            )
+        if out.is_dir():
+            raise QuantError(
+                f"--out {str(out)!r} is a folder; fix: name a .gguf file, e.g. {out / 'model.gguf'}"
+            )
+        return
+    if out.suffix.lower() in _FILE_SUFFIXES:
+        raise QuantError(
+            f"--out {str(out)!r}: {spec} is saved as a folder (config.json + safetensors), not one file; fix: "
+            f"--out {out.with_suffix('')} (a new folder), or a gguf:<type> spec for a .gguf file"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QuantError(
+            f"--out {str(out)!r} already exists and is not an empty folder; fix: name a new folder"
+        )
+
+
+def _write_gguf(cls, folder: str, kind: str, spec, out: Path) -> int:
+    from .backends.gguf import portable_config
+    from .backends.gguf.writer import write_gguf
+    from .components import DEFAULT_EXCLUDE, _matches_full
+
+    model = cls.from_pretrained(folder)
+    keep = DEFAULT_EXCLUDE.get(kind, ())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = write_gguf(
+        str(out),
+        model.state_dict(),
+        spec.qtype.upper(),
+        arch=cls.__name__,
+        config=portable_config(model.config),
+        keep_full_precision=lambda key, _t: _matches_full(key.rpartition(".")[0], keep),
+    )
+    counts: dict[str, int] = {}
+    for t in written.values():
+        counts[t] = counts.get(t, 0) + 1
+    print(
+        f"wrote {out}: {len(written)} tensors ({', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))})"
+    )
     return 0
 
 
 def cmd_inspect(args) -> int:
-    """What a checkpoint is, from its headers: GGUF tensor types and config, or a saved quantized folder."""
+    """What a checkpoint is, from its headers: GGUF tensor types and config, a safetensors file, or a
+    (saved quantized) model folder."""
     from .detect import is_gguf_file
 
-    if is_gguf_file(args.path):
-        from .backends.gguf.keys import detect_key_format
-        from .backends.gguf.reader import GGUFError, read_gguf
-
-        try:
-            f = read_gguf(args.path)
-        except GGUFError as exc:
-            raise QuantError(str(exc)) from None
-        counts: dict[str, int] = {}
-        for info in f.tensors:
-            counts[info.type_name] = counts.get(info.type_name, 0) + 1
-        print(f"GGUF v{f.version}: {len(f.tensors)} tensors, {os.path.getsize(args.path) / 2**20:.1f} MiB")
-        print(f"architecture: {f.architecture}; key format: {detect_key_format(f.names())}")
-        print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
-        print(
-            "embedded config: " + ("yes" if "diffusers_quant.config" in f.metadata else "no (pass config=)")
+    path = args.path
+    if not os.path.exists(path):
+        raise QuantError(f"{path!r} does not exist; give a .gguf or .safetensors file, or a model folder")
+    if is_gguf_file(path):
+        return _inspect_gguf(path)
+    if os.path.isdir(path):
+        return _inspect_folder(path)
+    header = _safetensors_header(path)
+    if header is None:
+        raise QuantError(
+            f"{path!r} is neither a GGUF nor a safetensors file (from its first bytes); inspect reads .gguf "
+            "and .safetensors files and model folders"
         )
-        return 0
+    from .backends import all_backends
+
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    dtypes: dict[str, int] = {}
+    for info in tensors.values():
+        dtypes[info.get("dtype", "?")] = dtypes.get(info.get("dtype", "?"), 0) + 1
+    print(f"safetensors: {len(tensors)} tensors, {os.path.getsize(path) / 2**20:.1f} MiB")
+    print("dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
+    layers = {b.name: len(b.saved_layers(tensors)) for b in all_backends()}
+    found = {k: v for k, v in layers.items() if v}
+    if found:
+        print("quantized layers: " + ", ".join(f"{k} x{v}" for k, v in sorted(found.items())))
+    else:
+        print("no pre-quantized format recognised (plain checkpoint)")
+    return 0
+
+
+def _inspect_gguf(path: str) -> int:
+    from .backends.gguf.keys import detect_key_format
+    from .backends.gguf.reader import GGUFError, read_gguf
+
+    try:
+        f = read_gguf(path)
+    except GGUFError as exc:
+        raise QuantError(str(exc)) from None
+    counts: dict[str, int] = {}
+    for info in f.tensors:
+        counts[info.type_name] = counts.get(info.type_name, 0) + 1
+    print(f"GGUF v{f.version}: {len(f.tensors)} tensors, {os.path.getsize(path) / 2**20:.1f} MiB")
+    print(f"architecture: {f.architecture}; key format: {detect_key_format(f.names())}")
+    print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    print("embedded config: " + ("yes" if "diffusers_quant.config" in f.metadata else "no (pass config=)"))
+    return 0
+
+
+def _inspect_folder(path: str) -> int:
     from .saving import read_saved
 
-    saved = read_saved(args.path) if os.path.isdir(args.path) else None
+    saved = read_saved(path)
     if saved:
         backends = sorted({e["backend"] for e in saved.layers.values()})
         print(
@@ -234,8 +361,44 @@ def cmd_inspect(args) -> int:
             f"({', '.join(backends)}), {len(saved.files)} weight file(s)"
         )
         return 0
-    print(f"{args.path}: no pre-quantized format recognised (plain checkpoint)")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in ("config.json", "model_index.json")):
+        raise QuantError(
+            f"{path!r} has no config.json or model_index.json: it is not a model or pipeline folder"
+        )
+    print(f"{path}: no pre-quantized format recognised (plain model folder)")
     return 0
+
+
+def _safetensors_header(path: str) -> dict | None:
+    """A safetensors file's header (8-byte little-endian length, then JSON), or None if it is not one."""
+    import json
+
+    size = os.path.getsize(path)
+    if size < 10:
+        return None
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= min(size - 8, 100 * 2**20):
+            return None
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        return None
+    return header
+
+
+def _at_least_one(text: str) -> int:
+    # argparse turns this error into "argument --steps: ..." and exit code 2, before anything runs.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def _add_plan_args(p: argparse.ArgumentParser, default_quant: str | None = DEFAULT_QUANT) -> None:
@@ -264,11 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline", help="pipeline class for a single-file --model, e.g. StableDiffusionPipeline"
     )
     gen.add_argument("--prompt", default="a photo of a red cat on a tree")
-    gen.add_argument("--steps", type=int, default=4)
+    gen.add_argument("--steps", type=_at_least_one, default=4)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
+    gen.add_argument(
+        "--height", type=_at_least_one, help="pixels (default: 64 for the demos, else the pipeline's)"
+    )
+    gen.add_argument(
+        "--width", type=_at_least_one, help="pixels (default: 64 for the demos, else the pipeline's)"
+    )
     gen.add_argument("--out", default="diffusers-quant.png")
+    gen.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip the full-precision run and the comparison sheet (<out>-compare.png) beside the image",
+    )
     gen.set_defaults(func=cmd_generate)
 
     chk = sub.add_parser("check", help="check a plan against a pipeline without reading weights")

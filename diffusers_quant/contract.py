@@ -306,8 +306,9 @@ def _refuse_cast(model, dtype) -> None:
     from .errors import QuantError
 
     if dtype is not None and dtype != model._pre_quantization_dtype:
+        method = getattr(model.quantization_method, "value", model.quantization_method)
         raise QuantError(
-            f"{type(model).__name__} is quantized ({model.quantization_method}); casting it to {dtype} would "
+            f"{type(model).__name__} is quantized ({method}); casting it to {dtype} would "
             f"change only its unquantized parts; fix: call .dequantize() first for a full-precision model, or "
             f"load it with dtype={dtype} (its unquantized parts follow the load's dtype)"
         )

@@ -7,6 +7,9 @@
 They use the real diffusers / transformers classes and are saved with ``save_pretrained``, so they are
 loaded through the real loaders.  Linear layers are wide enough (>= 128 features) for every backend's
 kernels and grouping, yet a 4-step generation takes seconds on 2 CPU cores.
+
+Their weights are random (seeded, never trained): a demo image is noise by design, and what it shows is
+how far the quantized pipeline's output is from the full-precision one's.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from pathlib import Path
 
 DEMOS = ("flux", "sd")
 # Bump when a config below changes, so stale caches are rebuilt.
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
+# The demos' image size (their tiny models are sized for it); the pipelines' own defaults differ (flux: 256).
+DEMO_SIZE = 64
+# Written into a demo folder, so a copy of it is still known as a demo.
+MARKER = "diffusers_quant_demo.json"
+RANDOM_WEIGHTS_NOTE = (
+    "note: the demo weights are random (seeded, never trained), so the image is noise by design; what to "
+    "look at is how close the quantized image is to the full-precision one: the comparison sheet and its rel-L2"
+)
 
 _WORDS = (
     "a photo of an the cat dog red blue green yellow tree house sky sun moon river mountain city night "
@@ -44,6 +55,17 @@ def demo_path(name: str = "flux") -> Path:
     return path
 
 
+def demo_name(path: str | os.PathLike) -> str | None:
+    """The demo a pipeline folder holds (from its marker), or None for any other folder or file."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text()).get("demo")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _build_atomically(name: str, path: Path) -> None:
     # Build into a temp folder beside the target and rename, so an interrupted build never leaves a
     # half-written pipeline that later loads would trust.
@@ -52,6 +74,7 @@ def _build_atomically(name: str, path: Path) -> None:
     try:
         pipe = build_flux() if name == "flux" else build_sd()
         pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / MARKER).write_text(json.dumps({"demo": name, "version": DEMO_VERSION, "size": DEMO_SIZE}))
         try:
             os.replace(tmp, path)
         except OSError:
@@ -215,7 +238,9 @@ def build_sd():
     )
 
 
-def generate_kwargs(pipe, *, prompt: str, steps: int, seed: int, height: int = 64, width: int = 64) -> dict:
+def generate_kwargs(
+    pipe, *, prompt: str, steps: int, seed: int, height: int | None = DEMO_SIZE, width: int | None = DEMO_SIZE
+) -> dict:
     """Call arguments that fit the demo sizes for the pipeline's family."""
     import torch
 

@@ -79,7 +79,28 @@ def _refuse_on_load_for_single_files(plan: Plan | None) -> None:
         )
 
 
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+_URL_PREFIXES = ("huggingface.co/", "hf.co/")  # diffusers takes these without a scheme too
+
+
+def _require_local_file(pretrained) -> None:
+    """A local-looking path that does not exist is named here; diffusers would call it an invalid URL."""
+    if isinstance(pretrained, os.PathLike):
+        pretrained = os.fspath(pretrained)
+    if not isinstance(pretrained, str) or os.path.exists(pretrained):
+        return
+    if "://" in pretrained or pretrained.startswith(_URL_PREFIXES):
+        return
+    local = os.path.isabs(pretrained) or pretrained.startswith(("./", "../", ".\\", "..\\"))
+    if local or pretrained.lower().endswith(_FILE_SUFFIXES):
+        raise QuantError(
+            f"from_single_file: {pretrained!r} does not exist; fix: give the path of an existing file "
+            "(or an https:// URL)"
+        )
+
+
 def _model_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    _require_local_file(pretrained)
     active = ACTIVE_PIPELINE.get()
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
     if is_gguf_file(pretrained):  # recognised from its bytes: loaded packed, whatever the plan says
@@ -159,6 +180,7 @@ def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *a
 
 
 def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    _require_local_file(pretrained)
     plan = _call_plan(kwargs) or ambient_plan()
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)
@@ -180,7 +202,7 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
         ACTIVE_PIPELINE.reset(token)
     for name, module in pipe.components.items():
         kind = kind_of_class(type(module))
-        spec = plan.spec_for(name, kind) if hasattr(module, "parameters") else None
+        spec = plan.spec_for(name, kind, pipeline=True) if hasattr(module, "parameters") else None
         if spec is not None:
             load = Load(type(module), name, kind, None, None, torch.device(plan.device), report)
             quantize_loaded(module, spec, load)

@@ -68,9 +68,48 @@ class Report:
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)) for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        extra = f"plan: {self.plan}" + (f"   offload: {self.offload}" if self.offload != "none" else "")
+        extra = f"plan: {self.plan or self._no_plan()}"
+        extra += f"   offload: {self.offload}" if self.offload != "none" else ""
         return "\n".join([extra, *lines])
+
+    def _no_plan(self) -> str:
+        # A load with no plan only has what its checkpoints already held.
+        return (
+            "(none: pre-quantized)" if any(c.mode == "pre-quantized" for c in self.components) else "(none)"
+        )
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+def comparison_sheet(full, quantized, lines: list[str], gain: float | None = None):
+    """A PIL image: full precision | quantized | difference (amplified ``gain`` times), ``lines`` below.
+
+    ``full`` and ``quantized`` are float HxWx3 arrays in [0, 1] from the same seed and prompt.  By default
+    the difference is amplified so its largest value is white: a good quantization differs by little."""
+    import textwrap
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    difference = np.abs(quantized - full)
+    if gain is None:
+        gain = float(min(1000.0, 1.0 / max(float(difference.max()), 1e-3)))
+    difference = np.clip(difference * gain, 0.0, 1.0)
+    labels = ("full precision", "quantized", f"|difference| x{gain:.3g}")
+    h, w = full.shape[:2]
+    scale = max(1, -(-192 // w))  # tiny demo images are enlarged (nearest), so the labels fit under them
+    pw, ph, pad, line = w * scale, h * scale, 8, 14
+    width = 3 * pw + 4 * pad
+    wrapped = [part for text in lines for part in textwrap.wrap(text, max(20, width // 6 - 2))]
+    sheet = Image.new("RGB", (width, ph + 2 * pad + line * (1 + len(wrapped)) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (panel, label) in enumerate(zip((full, quantized, difference), labels, strict=True)):
+        pixels = Image.fromarray((panel * 255).round().clip(0, 255).astype("uint8"))
+        x = pad + i * (pw + pad)
+        sheet.paste(pixels.resize((pw, ph), Image.NEAREST), (x, pad))
+        draw.text((x, ph + pad + 2), label, fill="black")
+    for j, text in enumerate(wrapped):
+        draw.text((pad, ph + 2 * pad + line * (j + 1)), text, fill="black")
+    return sheet

@@ -9,12 +9,13 @@ the CLI ``check`` command and the parametrized tests are all generated from this
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .components import Component
 from .errors import PlanRefused
-from .spec import KINDS, OFFLOADS, Plan, Spec
+from .spec import KINDS, OFFLOADS, Plan, Spec, pattern_matches
 
 DEVICES = ("cpu", "cuda")
 QUANTIZABLE = "transformer|unet|text_encoder|controlnet"
@@ -156,8 +157,11 @@ def verdict(spec: Spec, kind: str, offload: str, device: str) -> Verdict:
 
 
 def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: bool = False) -> list[str]:
-    """Every reason ``plan`` cannot run on these components; empty when it can."""
+    """Every reason ``plan`` cannot run on these components; empty when it can.
+
+    ``whole_pipeline``: the components are a pipeline's (kind words are then component names)."""
     from .backends import get_backend
+    from .backends.gguf import is_file_spec
 
     components = list(components)
     found: list[str] = []
@@ -169,16 +173,25 @@ def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: boo
             found.append("device=cuda was asked for but no CUDA device is available; fix: use device=cpu")
     if whole_pipeline:
         names = ", ".join(f"{c.name} ({c.kind})" for c in components)
-        unused = [p for p, _ in plan.entries if not any(_pattern_hits(p, c) for c in components)]
+        unused = [
+            p
+            for p, _ in plan.entries
+            if not any(pattern_matches(p, c.name, c.kind, pipeline=True) for c in components)
+        ]
         if unused:
             found.append(
                 f"plan pattern(s) {', '.join(repr(p) for p in unused)} match no component; "
                 f"this pipeline has: {names}"
             )
     for c in components:
-        spec = plan.spec_for(c.name, c.kind)
+        spec = plan.spec_for(c.name, c.kind, pipeline=whole_pipeline)
         if spec is None:
             continue
+        if is_file_spec(spec):
+            missing = _gguf_file_problem(spec.qtype)
+            if missing:
+                found.append(f"{c.name}: {missing}")
+                continue
         backend = get_backend(spec.backend)
         if not backend.is_available():
             found.append(
@@ -195,10 +208,15 @@ def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: boo
     return found
 
 
-def _pattern_hits(pattern: str, component: Component) -> bool:
-    from .spec import pattern_matches
+def _gguf_file_problem(path: str) -> str | None:
+    """Why a plan's GGUF file (``gguf:/path/x.gguf``) cannot be loaded, or None; reads only its magic."""
+    from .detect import is_gguf_file
 
-    return pattern_matches(pattern, component.name, component.kind)
+    if not os.path.exists(path):
+        return f"GGUF file {path!r} does not exist; fix: give the path of an existing .gguf file"
+    if not is_gguf_file(path):
+        return f"{path!r} is not a GGUF file (no GGUF magic); fix: give the path of a .gguf file"
+    return None
 
 
 def enforce(plan: Plan, components: Iterable[Component], *, whole_pipeline: bool = False) -> None:

@@ -66,10 +66,13 @@ def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, **save_kwa
 
 
 def _normal_permissions(folder: Path) -> None:
-    # mkdtemp makes the folder 0700; a saved model is an ordinary folder (umask decides, as for mkdir)
+    # mkdtemp makes the folder 0700 and safetensors writes 0600; a saved model is an ordinary folder of
+    # ordinary files (the umask decides, as for mkdir and open)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _config_json(folder: Path) -> dict | None:

@@ -6,12 +6,17 @@ Plan:  ``pattern=spec[,pattern=spec...][;setting=value...]``
 
 The same grammar serves the environment variable, the CLI and Python.  Settings may also be
 separated by commas; a key is a setting when it is one of ``SETTINGS``.
+
+Patterns select components by name (exact or fnmatch), by group (``GROUPS``), or, for a model loaded on
+its own, by kind: in a pipeline ``text_encoder`` is the component of that name, never ``text_encoder_2``.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
+import sys
 from dataclasses import dataclass, field, replace
 
 from .errors import SpecError, choices
@@ -23,8 +28,12 @@ SETTINGS = ("mode", "offload", "device", "dtype", "gpu_memory")
 
 # Component kinds: what a component is, whatever the pipeline calls it.
 KINDS = ("transformer", "unet", "text_encoder", "vae", "controlnet", "other")
-# Group names usable as patterns, expanding to kinds.
-GROUPS = {"model": ("transformer", "unet")}
+# Group names usable as patterns, expanding to kinds (in a pipeline too).
+GROUPS = {"model": ("transformer", "unet"), "text_encoders": ("text_encoder",)}
+# Kind names usable as patterns for a model loaded on its own, whatever its folder is called.  In a pipeline
+# they are component names only: the pipelines name their components after these words, and a pattern
+# that is a component's name must select that component alone.
+KIND_WORDS = ("transformer", "unet", "text_encoder", "vae", "controlnet")
 
 _DTYPE_ALIASES = {
     "bf16": "bfloat16",
@@ -113,11 +122,32 @@ def _option_text(value: object) -> str:
     return str(value)
 
 
-def pattern_matches(pattern: str, name: str, kind: str) -> bool:
-    """A component pattern matches the component's name (fnmatch), its kind, or a group of kinds."""
+def pattern_matches(pattern: str, name: str, kind: str, *, pipeline: bool = False) -> bool:
+    """A pattern matches a group of kinds, the component's name (fnmatch), or, unless the component is
+    part of a pipeline, its kind (``KIND_WORDS``)."""
     if pattern in GROUPS:
         return kind in GROUPS[pattern]
-    return fnmatch.fnmatchcase(name, pattern) or pattern == kind
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    return not pipeline and pattern in KIND_WORDS and pattern == kind
+
+
+def in_pipeline_load() -> bool:
+    """Whether a pipeline load is running: the model loads it triggers are components of that pipeline."""
+    # The pipeline hook marks its load in loading.ACTIVE_PIPELINE; if that module is not imported, no
+    # pipeline load can be running (and this module must not import torch to find out).
+    loading = sys.modules.get("diffusers_quant.loading")
+    return loading is not None and loading.ACTIVE_PIPELINE.get() is not None
+
+
+def _refuse_non_spec(key: str, value: str, *, setting_position: bool) -> None:
+    """``key=value`` where value is no spec: after a ';', or with a key close to a setting's name, the key
+    is a misspelt setting; otherwise the value is a bad spec (Spec.parse says how)."""
+    close = difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.6)
+    if close or setting_position:
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise SpecError(f"unknown setting {key!r}; expected one of {', '.join(SETTINGS)}{hint}")
+    Spec.parse(value)
 
 
 @dataclass(frozen=True)
@@ -148,6 +178,8 @@ class Plan:
                 raise SpecError(
                     f"gpu_memory={self.gpu_memory!r}; expected a number of GiB, e.g. gpu_memory=8"
                 ) from None
+            if not self.gpu_memory > 0:
+                raise SpecError(f"gpu_memory={self.gpu_memory:g}; expected a positive number of GiB")
         for pattern, _ in self.entries:
             if not pattern:
                 raise SpecError("empty component pattern in plan; expected e.g. 'transformer=bnb:nf4'")
@@ -156,7 +188,9 @@ class Plan:
     def parse(cls, text: str, source: str = "python") -> Plan:
         entries: list[tuple[str, Spec | None]] = []
         settings: dict[str, str] = {}
-        for item in (p.strip() for chunk in text.split(";") for p in chunk.split(",")):
+        # (item, whether it follows a ';', where the grammar puts settings)
+        items = ((p.strip(), i > 0) for i, chunk in enumerate(text.split(";")) for p in chunk.split(","))
+        for item, after_semicolon in items:
             if not item:
                 continue
             key, sep, value = item.partition("=")
@@ -168,8 +202,10 @@ class Plan:
                 )
             if key in SETTINGS:
                 settings[key] = value
-            else:
+            elif value.lower() == "none" or ":" in value:
                 entries.append((key, None if value.lower() == "none" else Spec.parse(value)))
+            else:  # not a spec: a misspelt setting, or a bad spec
+                _refuse_non_spec(key, value, setting_position=after_semicolon)
         return cls(entries=tuple(entries), source=source, **settings)
 
     @classmethod
@@ -186,10 +222,15 @@ class Plan:
             return cls(entries=entries, source=source)
         raise SpecError(f"a plan must be a string, a dict or a Plan, not {type(value).__name__}")
 
-    def spec_for(self, name: str, kind: str) -> Spec | None:
-        """First entry whose pattern matches wins, so exact names can precede broad patterns."""
+    def spec_for(self, name: str, kind: str, *, pipeline: bool | None = None) -> Spec | None:
+        """First entry whose pattern matches wins, so exact names can precede broad patterns.
+
+        ``pipeline``: whether the component is part of a pipeline (then kind words are names only);
+        by default, whether a pipeline load is running."""
+        if pipeline is None:
+            pipeline = in_pipeline_load()
         for pattern, spec in self.entries:
-            if pattern_matches(pattern, name, kind):
+            if pattern_matches(pattern, name, kind, pipeline=pipeline):
                 return spec
         return None
 

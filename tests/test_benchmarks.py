@@ -26,7 +26,12 @@ def _bench_module():
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory, flux_path):
+def empty_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, flux_path, empty_home):
     out = tmp_path_factory.mktemp("bench")
     cmd = [
         sys.executable,
@@ -40,9 +45,30 @@ def bench_run(tmp_path_factory, flux_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    with pytest.MonkeyPatch.context() as mp:
+        # A run must write only where it is told: HOME points at an empty folder (checked below).
+        mp.setenv("HOME", str(empty_home))
+        mp.delenv("XDG_CACHE_HOME", raising=False)
+        mp.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))  # matplotlib's own font cache
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
+
+
+def test_bench_run_writes_nothing_under_home(bench_run, empty_home):
+    assert sorted(str(p.relative_to(empty_home)) for p in empty_home.rglob("*")) == []
+
+
+def test_worker_bytecode_cache_follows_the_cache_folder(monkeypatch, tmp_path):
+    # With bytecode off (a clean CI checkout) the workers cache it; where is what matters, not a real run
+    # (compiling torch into an empty cache would double the benchmark test's time).
+    bench = _bench_module()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("DIFFUSERS_QUANT_CACHE", str(tmp_path / "cache"))
+    assert bench._worker_env()["PYTHONPYCACHEPREFIX"] == str(tmp_path / "cache" / "pycache")
 
 
 def test_results_json_has_the_rows_with_finite_figures(bench_run):

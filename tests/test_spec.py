@@ -69,12 +69,53 @@ def test_plan_patterns_kinds_and_groups():
     assert plan.spec_for("unet", "unet") == Spec("bnb", "int8")
     assert plan.spec_for("transformer", "transformer") == Spec("bnb", "int8")
     assert plan.spec_for("vae", "vae") is None
-    # a bare kind matches a component of that kind whatever its name
+    # a model loaded on its own: a kind word matches it by kind whatever its folder is called
     assert Plan.parse("text_encoder=bnb:nf4").spec_for("t5", "text_encoder") == Spec("bnb", "nf4")
     # first matching entry wins
     first = Plan.parse("text_encoder_2=none,text_encoder*=bnb:nf4")
     assert first.spec_for("text_encoder_2", "text_encoder") is None
     assert first.spec_for("text_encoder", "text_encoder") == Spec("bnb", "nf4")
+
+
+def test_in_a_pipeline_an_exact_name_selects_that_component_only():
+    plan = Plan.parse("text_encoder=bnb:nf4,transformer=quanto:qint8")
+    assert plan.spec_for("text_encoder", "text_encoder", pipeline=True) == Spec("bnb", "nf4")
+    assert plan.spec_for("text_encoder_2", "text_encoder", pipeline=True) is None
+    assert plan.spec_for("transformer_2", "transformer", pipeline=True) is None
+    # outside a pipeline load the same component, loaded on its own, is selected by its kind
+    assert plan.spec_for("text_encoder_2", "text_encoder", pipeline=False) == Spec("bnb", "nf4")
+    assert plan.spec_for("text_encoder_2", "text_encoder") == Spec("bnb", "nf4")  # no pipeline load running
+
+
+def test_groups_select_by_kind_in_pipelines_too():
+    plan = Plan.parse("text_encoders=quanto:qint8,model=bnb:nf4")
+    for name in ("text_encoder", "text_encoder_2", "t5"):
+        assert plan.spec_for(name, "text_encoder", pipeline=True) == Spec("quanto", "qint8")
+    assert plan.spec_for("transformer_2", "transformer", pipeline=True) == Spec("bnb", "nf4")
+    assert plan.spec_for("prior", "unet", pipeline=True) == Spec("bnb", "nf4")
+    assert plan.spec_for("vae", "vae", pipeline=True) is None
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "transformer=bnb:nf4;ofload=model",
+            r"^unknown setting 'ofload'; expected one of mode, offload, device, dtype, gpu_memory; "
+            r"did you mean 'offload'\?$",
+        ),
+        ("transformer=bnb:nf4,devic=cuda", r"^unknown setting 'devic'; .* did you mean 'device'\?$"),
+        (
+            "transformer=bnb:nf4;precision=fp16",
+            r"^unknown setting 'precision'; expected one of mode, offload",
+        ),
+        ("transformer=nf4", r"bad spec 'nf4'; expected 'backend:qtype'"),
+        ("transformer=bnb:nf4;gpu_memory=0", r"gpu_memory=0; expected a positive number of GiB"),
+    ],
+)
+def test_misspelt_settings_are_named_as_settings(text, message):
+    with pytest.raises(SpecError, match=message):
+        Plan.parse(text)
 
 
 @pytest.mark.parametrize(

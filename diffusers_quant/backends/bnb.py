@@ -7,6 +7,7 @@ with ``.to(device)``; we move it to the device it already sits on, so no copy go
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from ..errors import SpecError
@@ -28,6 +29,50 @@ def _flag(spec: Spec, key: str, default: bool) -> bool:
     if value.lower() in _TRUE | _FALSE:
         return value.lower() in _TRUE
     raise SpecError(f"option {key}={value!r} in {spec}; expected true or false")
+
+
+# --- bitsandbytes' log lines a user cannot act on ----------------------------------------------------------
+
+_KERNEL_FALLBACK = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_INT8_CAST = "MatMul8bitLt: inputs will be cast from"
+_INT8_EXPLAINED = (
+    "diffusers_quant: bnb:int8 layers compute in float16: LLM.int8 casts %s activations to float16 on every "
+    "call (expected, nothing to do; said once)"
+)
+
+
+class _QuietBitsandbytes(logging.Filter):
+    """Scoped to two exact messages of bitsandbytes' own loggers; everything else passes untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.int8_explained = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith(_KERNEL_FALLBACK):
+            # bitsandbytes falls back to its own CPU kernel, which works; the hub kernel it names is an
+            # optional speed-up (the kernels package plus hub access).  Shown only at DEBUG.
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        if message.startswith(_INT8_CAST):  # logged on every int8 matmul: hundreds per generation
+            if self.int8_explained:
+                return False
+            self.int8_explained = True
+            record.msg, record.args = _INT8_EXPLAINED, record.args[:1] if record.args else ("non-float16",)
+        return True
+
+
+def _quiet_bitsandbytes() -> None:
+    # Installed when the registry loads this backend, before bitsandbytes is imported: it logs the kernel
+    # fallback at import time, and diffusers imports it for every pipeline.  Filters on a logger are kept
+    # when the library later asks for the same logger.
+    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietBitsandbytes) for f in logger.filters):
+            logger.addFilter(_QuietBitsandbytes())
+
+
+_quiet_bitsandbytes()
 
 
 class BnbBackend(Backend):
