@@ -110,10 +110,18 @@ class Backend:
         library has no format for them (then the model saves in this package's format)."""
         return None
 
+    # Tensor-name endings that mark a layer saved in the library's layout (longest first).
+    saved_markers: ClassVar[tuple[str, ...]] = ()
+
     def saved_layers(self, keys) -> set[str]:
         """Names of the layers a checkpoint in the library's layout holds in this backend's format, from its
         tensor names alone (no tensor read)."""
-        return set()
+        layers = set()
+        for key in keys:
+            marker = next((m for m in self.saved_markers if key.endswith(m)), None)
+            if marker is not None:
+                layers.add(key[: -len(marker)])
+        return layers
 
     def layer_from_state(
         self,

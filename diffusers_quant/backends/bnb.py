@@ -82,6 +82,7 @@ class BnbBackend(Backend):
     qtypes = ("nf4", "fp4", "int8")
     aliases = {"llm_int8": "int8", "8bit": "int8"}
     layer_types = ("Linear4bit", "Linear8bitLt")
+    saved_markers = (".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".SCB")
     options = {
         "double_quant": "4-bit: also quantize the block scales (default true)",
         "blocksize": "4-bit: weights per scale block (default 64)",
@@ -191,16 +192,6 @@ class BnbBackend(Backend):
             bnb_4bit_quant_storage=str(weight.quant_storage).replace("torch.", ""),
             llm_int8_skip_modules=skip,
         )
-
-    def saved_layers(self, keys) -> set[str]:
-        layers = set()
-        for key in keys:
-            for marker in (".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4"):
-                if key.endswith(marker):
-                    layers.add(key[: -len(marker)])
-            if key.endswith(".SCB"):
-                layers.add(key[: -len(".SCB")])
-        return layers
 
     def layer_from_state(self, tensors, config, dtype, compute_dtype, device):
         self.require()

@@ -37,6 +37,7 @@ class QuantoBackend(Backend):
     extra = "quanto"
     qtypes = ("qint8", "qint4", "qint2", "qfloat8")
     layer_types = ("QLinear",)
+    saved_markers = (".weight._data._data", ".weight._data")  # 2/4-bit data is packed one level deeper
     aliases = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "float8": "qfloat8", "fp8": "qfloat8"}
 
     def is_available(self) -> bool:
@@ -103,15 +104,6 @@ class QuantoBackend(Backend):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # diffusers deprecates QuantoConfig for 1.0
             return QuantoConfig(weights_dtype=weights, modules_to_not_convert=skip)
-
-    def saved_layers(self, keys) -> set[str]:
-        layers = set()
-        for key in keys:
-            for marker in (".weight._data._data", ".weight._data"):
-                if key.endswith(marker):
-                    layers.add(key[: -len(marker)])
-                    break
-        return layers
 
     def layer_from_state(self, tensors, config, dtype, compute_dtype, device):
         self.require()
