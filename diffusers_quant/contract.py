@@ -87,7 +87,7 @@ def our_config_class(library: str) -> type:
 # --- quantizer objects --------------------------------------------------------------------------------
 
 
-def _quantizer_base(library: str, backend: str, config) -> type:
+def _quantizer_base(library: str, config) -> type:
     """The library's own quantizer class for this backend's format (ours where the library has none)."""
     method = getattr(config, "quant_method", None)
     method = getattr(method, "value", method)
@@ -143,11 +143,10 @@ def quantizer_class(base: type) -> type:
             def is_serializable(self):
                 return True
 
+        # PEFT adapters train on top of the quantized layers (their forward is differentiable)
         @property
         def is_trainable(self):
-            return (
-                True  # PEFT adapters train on top of the quantized layers (their forward is differentiable)
-            )
+            return True
 
         @property
         def is_compileable(self) -> bool:
@@ -156,10 +155,7 @@ def quantizer_class(base: type) -> type:
         def validate_environment(self, *args, **kwargs):
             return None
 
-        def _dequantize(self, model, dtype=None):
-            return dequantize_model(model, dtype)
-
-        def dequantize(self, model, dtype=None):
+        def dequantize(self, model, dtype=None):  # both libraries' models call this one
             model = dequantize_model(model, dtype)
             detach(model)
             return model
@@ -241,11 +237,10 @@ def exact_skip_list(
     return entries
 
 
-def build_config(model: torch.nn.Module, library: str, compute_dtype: torch.dtype | None):
-    """The ``quantization_config`` that describes the model's quantized layers: the library's own where one
-    backend with a library format holds every layer and the library's skip rule can express the selection,
-    else ours (the layer map)."""
-    layers = quantized_layers(model)
+def build_config(model: torch.nn.Module, layers: dict, library: str, compute_dtype: torch.dtype | None):
+    """The ``quantization_config`` that describes ``layers``, the model's quantized layers: the library's
+    own where one backend with a library format holds every layer and the library's skip rule can express
+    the selection, else ours (the layer map)."""
     backends = {b.name: b for b, _ in layers.values()}
     if len(backends) == 1:
         (backend,) = backends.values()
@@ -263,7 +258,7 @@ def build_config(model: torch.nn.Module, library: str, compute_dtype: torch.dtyp
     return our_config_class(library)(layers=entries)
 
 
-def attach(model: torch.nn.Module, pre_quantization_dtype: torch.dtype | None = None, config=None):
+def attach(model: torch.nn.Module, pre_quantization_dtype: torch.dtype | None = None):
     """Give ``model`` the quantizer object, config and flags of a natively quantized model (idempotent).
     Returns the model; a model without quantized layers is left as it is."""
     layers = quantized_layers(model)
@@ -271,9 +266,8 @@ def attach(model: torch.nn.Module, pre_quantization_dtype: torch.dtype | None = 
         return model
     library = library_of(model)
     dtype = pre_quantization_dtype or _float_dtype(model)
-    config = config if config is not None else build_config(model, library, dtype)
-    backend_name = next(iter(layers.values()))[0].name
-    quantizer = quantizer_class(_quantizer_base(library, backend_name, config))(config, pre_quantized=True)
+    config = build_config(model, layers, library, dtype)
+    quantizer = quantizer_class(_quantizer_base(library, config))(config, pre_quantized=True)
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = config.quant_method

@@ -67,7 +67,7 @@ def _lora_class() -> type:
 
         def _merged_weight(self, adapters: list[str], sign: int) -> torch.Tensor:
             base = self.get_base_layer()
-            _owner(base).spec_of(base)  # a type that cannot be re-quantized is refused before any change
+            _owner(base).spec_of(base)  # refuse a type that cannot be re-quantized before dequantizing it
             weight = _owner(base).dequantize_weight(base).float()
             for adapter in adapters:
                 if self.lora_bias.get(adapter):

@@ -23,7 +23,8 @@ import torch
 from .components import fp32_modules, get_submodule_parent
 from .contract import OURS, attach, quantized_layers
 from .errors import QuantError
-from .streaming import build_empty, find_safetensors
+from .files import normal_mode
+from .streaming import build_empty, find_safetensors, header_keys
 
 NATIVE_METHODS = {"bitsandbytes": "bnb", "quanto": "quanto"}
 
@@ -68,11 +69,9 @@ def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, **save_kwa
 def _normal_permissions(folder: Path) -> None:
     # mkdtemp makes the folder 0700 and safetensors writes 0600; a saved model is an ordinary folder of
     # ordinary files (the umask decides, as for mkdir and open)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(folder, normal_mode(directory=True))
     for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(path, normal_mode(directory=path.is_dir()))
 
 
 def _config_json(folder: Path) -> dict | None:
@@ -109,7 +108,7 @@ def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> 
             f"{folder}: its config says it is quantized ({method}) but it holds no safetensors weights; "
             "fix: save it again"
         )
-    keys = _header_keys(files)
+    keys = header_keys(files)
     if method == OURS:
         layers = qconfig.get("layers")
         if not isinstance(layers, dict) or not layers:
@@ -124,21 +123,6 @@ def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> 
             name: {"backend": backend, "config": None} for name in get_backend(backend).saved_layers(keys)
         }
     return SavedComponent(folder, method, files, layers, keys)
-
-
-def _header_keys(files: list[Path]) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    keys: dict[str, Path] = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                keys.update(dict.fromkeys(f.keys(), path))
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise QuantError(
-                f"{path}: not a readable safetensors file ({exc}); fix: re-save or re-download it"
-            ) from None
-    return keys
 
 
 def _layer_of(key: str, layers: dict) -> tuple[str, str] | None:
@@ -161,19 +145,16 @@ def load_saved_component(
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
 
-    from .backends import get_backend
-
     device = torch.device(device)
     model = build_empty(cls, saved.folder)
     dtype = dtype or torch.float32
     keep_fp32 = fp32_modules(model, dtype)
     expected = set(model.state_dict())
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    owners = {key: _layer_of(key, saved.layers) for key in saved.keys}  # key -> (layer, name in it) or None
     wanted = {name: set() for name in saved.layers}
-    for key in saved.keys:
-        owner = _layer_of(key, saved.layers)
-        if owner is not None:
-            wanted[owner[0]].add(owner[1])
+    for owner in filter(None, owners.values()):
+        wanted[owner[0]].add(owner[1])
     for path in saved.files:
         try:
             handle = safe_open(path, framework="pt", device="cpu")
@@ -181,7 +162,7 @@ def load_saved_component(
             raise QuantError(f"{path}: could not read its tensors ({exc}); fix: save it again") from None
         with handle as f:
             for key in f.keys():
-                owner = _layer_of(key, saved.layers)
+                owner = owners.get(key)
                 try:
                     # a copy: safetensors' tensors can sit at any byte offset, and CPU matmuls round
                     # differently on unaligned data (the reload must compute what the saved model did)
@@ -204,7 +185,7 @@ def load_saved_component(
                 name, rest = owner
                 pending.setdefault(name, {})[rest] = tensor
                 if set(pending[name]) == wanted[name]:
-                    _place_layer(model, name, saved, pending.pop(name), dtype, device, get_backend, path)
+                    _place_layer(model, name, saved, pending.pop(name), dtype, device, path)
     if pending or any(not wanted[n] for n in wanted):
         missing = sorted(set(pending) | {n for n in wanted if not wanted[n]})
         raise QuantError(f"{saved.folder}: no complete tensors for layers {missing[:3]}; fix: save it again")
@@ -222,7 +203,9 @@ def load_saved_component(
     return model
 
 
-def _place_layer(model, name, saved, tensors, dtype, device, get_backend, path) -> None:
+def _place_layer(model, name, saved, tensors, dtype, device, path) -> None:
+    from .backends import get_backend
+
     entry = saved.layers[name]
     try:
         placeholder = model.get_submodule(name)

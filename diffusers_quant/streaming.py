@@ -56,6 +56,22 @@ def find_safetensors(folder: str | os.PathLike, variant: str | None = None) -> l
     return None
 
 
+def header_keys(files: list[Path]) -> dict[str, Path]:
+    """Every tensor name of a checkpoint -> the file holding it, from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    keys: dict[str, Path] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys.update(dict.fromkeys(f.keys(), path))
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise QuantError(
+                f"{path}: not a readable safetensors file ({exc}); fix: re-save or re-download it"
+            ) from None
+    return keys
+
+
 def build_empty(cls: type, folder: str | os.PathLike) -> torch.nn.Module:
     """The model from its config alone, parameters on the meta device (buffers real, as accelerate does)."""
     from accelerate import init_empty_weights
@@ -73,15 +89,10 @@ def plan_stream(
     cls: type, folder: str | os.PathLike, spec: Spec, kind: str, variant: str | None = None
 ) -> StreamPlan | None:
     """A StreamPlan if this checkpoint can be streamed into ``cls`` key for key, else None."""
-    from safetensors import safe_open
-
     files = find_safetensors(folder, variant)
     if not files:
         return None
-    keys: dict[str, Path] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            keys.update(dict.fromkeys(f.keys(), path))
+    keys = header_keys(files)
     model = build_empty(cls, folder)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     expected = set(model.state_dict().keys())

@@ -27,6 +27,7 @@ import gguf.quants
 import numpy as np
 import torch
 
+from ...files import normal_mode
 from .dequant import block_info, packed_nbytes
 from .quantize import to_ggml
 from .reader import ORIG_SHAPE_PREFIX
@@ -126,7 +127,7 @@ def write_gguf(
         for f in writer.fout:
             os.fsync(f.fileno())
         writer.close()
-        os.chmod(tmp_path, _default_file_mode())  # mkstemp creates 0600; give the usual umask-based mode
+        os.chmod(tmp_path, normal_mode())  # mkstemp creates 0600; give the usual umask-based mode
         os.replace(tmp_path, path)
     except BaseException:
         if writer is not None:
@@ -135,12 +136,6 @@ def write_gguf(
             os.unlink(tmp_path)
         raise
     return {name: ttype for name, _, ttype, _, _ in plan}
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _check_type(value: str, allowed: tuple[str, ...], what: str) -> str:
