@@ -36,7 +36,7 @@ from .loading import (
     load_model,
     quantize_loaded,
 )
-from .offload import place_pipeline
+from .offload import place_model, place_pipeline
 from .report import Report
 from .rules import enforce
 from .spec import Plan
@@ -68,7 +68,16 @@ def _call_plan(kwargs: dict) -> Plan | None:
 
 def _model_from_pretrained(original: Callable, cls: type, pretrained=None, *args, **kwargs):
     plan = _call_plan(kwargs) or (None if ACTIVE_PIPELINE.get() else ambient_plan())
-    return load_model(original, cls, pretrained, args, kwargs, plan)
+    return _place_alone(load_model(original, cls, pretrained, args, kwargs, plan), plan)
+
+
+def _place_alone(model, plan: Plan | None):
+    """A model loaded on its own takes the plan's offload mode here (in a pipeline, the pipeline does)."""
+    if plan is not None and plan.offload != "none" and ACTIVE_PIPELINE.get() is None:
+        report = getattr(model, "quant_report", None)
+        rows = report.components if report is not None else []
+        place_model(model, plan, rows[0].name if rows else type(model).__name__)
+    return model
 
 
 def _refuse_on_load_for_single_files(plan: Plan | None) -> None:
@@ -105,10 +114,11 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
     if is_gguf_file(pretrained):  # recognised from its bytes: loaded packed, whatever the plan says
         load = Load.create(cls, pretrained, kwargs, plan, active.report if active else None)
-        return load_gguf(load, pretrained, kwargs, plan)
+        return _place_alone(load_gguf(load, pretrained, kwargs, plan), plan)
     _refuse_on_load_for_single_files(plan)
     # Single files always go through the library's converter, then get quantized module by module.
-    return load_model(original, cls, pretrained, args, kwargs, plan and plan.with_settings(mode="post-load"))
+    post_load = plan and plan.with_settings(mode="post-load")
+    return _place_alone(load_model(original, cls, pretrained, args, kwargs, post_load), plan)
 
 
 def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Component]:

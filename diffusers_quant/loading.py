@@ -113,7 +113,8 @@ class Load:
             kind=kind_of_class(model_cls),
             folder=_resolve_folder(pretrained, kwargs),
             dtype=_load_dtype(kwargs, plan),
-            device=torch.device(plan.device),
+            # An offloaded component rests on the CPU: it is loaded there and the offloader places it.
+            device=torch.device(plan.device if plan.offload == "none" else "cpu"),
             report=report if report is not None else Report(plan=str(plan), offload=plan.offload),
         )
 

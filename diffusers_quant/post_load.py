@@ -34,17 +34,25 @@ def state_nbytes(module: torch.nn.Module) -> int:
     alive = []  # temporaries made by _save_to_state_dict stay referenced, so their ids are not reused
     total = 0
     for sub in module.modules():
-        held = dict(sub._parameters)
-        held.update((k, v) for k, v in sub._buffers.items() if k not in sub._non_persistent_buffers_set)
-        if not any(_is_subclass(t) for t in held.values() if t is not None):
-            held = {}
-            sub._save_to_state_dict(held, "", keep_vars=True)  # this module only, with its quant state
-        for tensor in held.values():
-            if not isinstance(tensor, torch.Tensor) or id(tensor) in seen:  # tied weights count once
-                continue
-            seen.add(id(tensor))
-            alive.append(tensor)
-            total += _tensor_nbytes(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor)
+        total += own_state_nbytes(sub, seen, alive)
+    return total
+
+
+def own_state_nbytes(sub: torch.nn.Module, seen: set[int], alive: list) -> int:
+    """Bytes of what ``sub`` itself stores (not its children); tensors whose id is in ``seen`` are not
+    counted again (tied weights), and every counted tensor is kept in ``alive``."""
+    held = dict(sub._parameters)
+    held.update((k, v) for k, v in sub._buffers.items() if k not in sub._non_persistent_buffers_set)
+    if not any(_is_subclass(t) for t in held.values() if t is not None):
+        held = {}
+        sub._save_to_state_dict(held, "", keep_vars=True)  # this module only, with its quant state
+    total = 0
+    for tensor in held.values():
+        if not isinstance(tensor, torch.Tensor) or id(tensor) in seen:  # tied weights count once
+            continue
+        seen.add(id(tensor))
+        alive.append(tensor)
+        total += _tensor_nbytes(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor)
     return total
 
 

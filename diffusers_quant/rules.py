@@ -96,40 +96,31 @@ RULES: tuple[Rule, ...] = (
         fix="use offload=model, or a bnb/nncf spec",
     ),
     Rule(
-        backend="bnb",
-        qtype="int8",
-        offload="model|balanced",
-        reason="bitsandbytes 0.50 keeps LLM.int8 state behind when a layer moves between devices and fails with "
-        "'Expected a cuda device, but got: cpu' (seen on an H100)",
-        fix="use bnb:nf4 / bnb:fp4 with offload=model, or offload=none",
-    ),
-    Rule(
-        backend="bnb",
-        offload="balanced",
-        reason="accelerate rebuilds the bnb 4-bit layers a balanced map puts on the CPU from a weights map and "
-        "fails with 'Tensor.item() cannot be called on meta tensors' (seen on an H100); not supported yet",
-        fix="use offload=model, or an nncf spec for a balanced split",
-    ),
-    Rule(
-        backend="gguf",
-        offload="sequential",
-        reason="accelerate's sequential offload rebuilds GGUF layers from a weights map and fails with 'Cannot "
-        "copy out of meta tensor' (seen on an H100); not supported yet",
-        fix="use offload=model (tested: packed bytes stay packed through the moves)",
+        backend="quanto",
+        offload="group",
+        reason="diffusers' group offload moves a weight by assigning its .data, which replaces only the outer "
+        "tensor of a quanto weight and leaves its packed data and scales on the other device (diffusers "
+        "#12610: 'Expected all tensors to be on the same device')",
+        fix="use offload=model, or a bnb/nncf/gguf spec with offload=group",
     ),
     Rule(
         backend="gguf",
         offload="balanced",
         reason="balanced offload is allowed only for bnb and NNCF",
-        fix="use offload=model or offload=none for a GGUF transformer",
+        fix="use offload=model or offload=group for a GGUF transformer",
     ),
     Rule(backend="bnb|quanto|nncf", kind=QUANTIZABLE, offload="none", device="cpu|cuda", allowed=True),
     Rule(backend="gguf", kind="transformer|unet", offload="none", device="cpu|cuda", allowed=True),
-    # Packed GGUF bytes are plain uint8 parameters: model offload moves them as they are, and a GPU test
-    # checks they are still packed, unchanged, after the moves (tests/backends/gguf/test_gguf_loading.py).
-    Rule(backend="gguf", kind="transformer|unet", offload="model", device="cuda", allowed=True),
+    # Every offload cell below is run by tests/test_rules.py::test_every_allowed_cuda_cell_runs (a whole
+    # pipeline generating, compared with the same spec fully resident) and tests/test_offload_gpu.py; the
+    # packed layers move as they are (bitsandbytes' scales are registered as buffers for it: offload.py).
+    Rule(
+        backend="gguf", kind="transformer|unet", offload="model|sequential|group", device="cuda", allowed=True
+    ),
     Rule(backend="bnb|quanto|nncf", kind=QUANTIZABLE, offload="model", device="cuda", allowed=True),
-    Rule(backend="nncf", kind=QUANTIZABLE, offload="balanced", device="cuda", allowed=True),
+    Rule(backend="bnb|nncf", kind=QUANTIZABLE, offload="balanced|group", device="cuda", allowed=True),
+    Rule(backend="bnb", qtype="int8", kind=QUANTIZABLE, offload="sequential", device="cuda", allowed=True),
+    Rule(backend="nncf", kind=QUANTIZABLE, offload="sequential", device="cuda", allowed=True),
     Rule(
         reason="not supported yet (no test runs this combination)",
         fix="use offload=none or offload=model, on device=cpu or device=cuda",

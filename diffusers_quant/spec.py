@@ -17,14 +17,31 @@ import difflib
 import fnmatch
 import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .errors import SpecError, choices
 
 MODES = ("auto", "on-load", "post-load")
 OFFLOADS = ("none", "model", "sequential", "balanced", "group")
 DTYPES = ("bfloat16", "float16", "float32")
-SETTINGS = ("mode", "offload", "device", "dtype", "gpu_memory")
+SETTINGS = (
+    "mode",
+    "offload",
+    "device",
+    "dtype",
+    "gpu_memory",
+    "max_memory",
+    "group_type",
+    "group_blocks",
+    "stream",
+    "record_stream",
+    "low_cpu_mem_usage",
+)
+# Budgets belong to offload=balanced, the others to offload=group (diffusers' group-offloading options).
+BALANCED_SETTINGS = ("gpu_memory", "max_memory")
+GROUP_SETTINGS = ("group_type", "group_blocks", "stream", "record_stream", "low_cpu_mem_usage")
+GROUP_TYPES = ("block", "leaf")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 # Component kinds: what a component is, whatever the pipeline calls it.
 KINDS = ("transformer", "unet", "text_encoder", "vae", "controlnet", "other")
@@ -122,6 +139,37 @@ def _option_text(value: object) -> str:
     return str(value)
 
 
+def _bool_setting(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE + _FALSE:
+        return text in _TRUE
+    raise SpecError(f"{key}={value!r}; expected true or false")
+
+
+def _max_memory_text(value: object) -> str:
+    """Normalise ``gpu:8|cpu:64`` (GiB per device; a GPU index such as ``0`` means the plan's GPU)."""
+    parts = []
+    for item in str(value).split("|"):
+        key, sep, amount = item.strip().partition(":")
+        key = key.strip().lower()
+        key = "gpu" if key.isdigit() or key in ("cuda", "gpu") else key
+        try:
+            gib = float(amount)
+        except ValueError:
+            gib = -1.0
+        if not sep or key not in ("gpu", "cpu") or not gib > 0:
+            raise SpecError(
+                f"max_memory={value!r}; expected 'gpu:GiB|cpu:GiB' with positive numbers, e.g. "
+                "max_memory=gpu:8|cpu:64"
+            )
+        parts.append(f"{key}:{gib:g}")
+    if not any(p.startswith("gpu:") for p in parts):
+        raise SpecError(f"max_memory={value!r} gives no GPU budget; expected e.g. max_memory=gpu:8|cpu:64")
+    return "|".join(parts)
+
+
 def pattern_matches(pattern: str, name: str, kind: str, *, pipeline: bool = False) -> bool:
     """A pattern matches a group of kinds, the component's name (fnmatch), or, unless the component is
     part of a pipeline, its kind (``KIND_WORDS``)."""
@@ -161,6 +209,15 @@ class Plan:
     dtype: str | None = None
     # GiB of GPU memory a balanced offload may fill per component (default: accelerate's balanced split).
     gpu_memory: float | None = None
+    # accelerate's max_memory for offload=balanced, as 'gpu:GiB|cpu:GiB' (a GPU index may stand for gpu).
+    max_memory: str | None = None
+    # diffusers' group offloading: block_level groups of group_blocks blocks, or leaf_level; CUDA streams
+    # overlap the transfers with compute.
+    group_type: str = "block"
+    group_blocks: int = 1
+    stream: bool = False
+    record_stream: bool = False
+    low_cpu_mem_usage: bool = False
     # Where the plan came from (call, context, env); not part of its identity.
     source: str = field(default="python", compare=False)
 
@@ -180,9 +237,49 @@ class Plan:
                 ) from None
             if not self.gpu_memory > 0:
                 raise SpecError(f"gpu_memory={self.gpu_memory:g}; expected a positive number of GiB")
+        self._check_offload_settings()
         for pattern, _ in self.entries:
             if not pattern:
                 raise SpecError("empty component pattern in plan; expected e.g. 'transformer=bnb:nf4'")
+
+    def _check_offload_settings(self) -> None:
+        defaults = {f.name: f.default for f in fields(Plan)}
+        for key in ("stream", "record_stream", "low_cpu_mem_usage"):
+            object.__setattr__(self, key, _bool_setting(key, getattr(self, key)))
+        group_type = str(self.group_type).lower().removesuffix("_level")
+        if group_type not in GROUP_TYPES:
+            raise SpecError(f"unknown group_type {self.group_type!r}; expected one of {choices(GROUP_TYPES)}")
+        object.__setattr__(self, "group_type", group_type)
+        try:
+            object.__setattr__(self, "group_blocks", int(self.group_blocks))
+        except ValueError:
+            raise SpecError(
+                f"group_blocks={self.group_blocks!r}; expected a whole number, e.g. group_blocks=1"
+            ) from None
+        if self.group_blocks < 1:
+            raise SpecError(f"group_blocks={self.group_blocks}; expected 1 or more blocks per group")
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", _max_memory_text(self.max_memory))
+        if self.record_stream and not self.stream:
+            raise SpecError(
+                "record_stream=true needs stream=true (it records tensors on the transfer stream)"
+            )
+        for group, mode in ((BALANCED_SETTINGS, "balanced"), (GROUP_SETTINGS, "group")):
+            given = [k for k in group if getattr(self, k) != defaults[k]]
+            if given and self.offload != mode:
+                raise SpecError(
+                    f"{', '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} of "
+                    f"offload={mode}, but the plan has offload={self.offload}; fix: add offload={mode} or drop "
+                    f"{', '.join(given)}"
+                )
+
+    def max_memory_bytes(self) -> dict[str, int]:
+        """``max_memory`` as accelerate takes it ('gpu' standing for the plan's GPU), in bytes."""
+        out = {}
+        for item in (self.max_memory or "").split("|"):
+            key, _, value = item.partition(":")
+            out[key] = int(float(value) * 2**30)
+        return out
 
     @classmethod
     def parse(cls, text: str, source: str = "python") -> Plan:
@@ -250,7 +347,7 @@ class Plan:
             "offload": self.offload,
             "device": self.device,
             "dtype": self.dtype,
-            "gpu_memory": self.gpu_memory,
+            **{k: getattr(self, k) for k in ("gpu_memory", *BALANCED_SETTINGS[1:], *GROUP_SETTINGS)},
         }
 
     def to_json(self) -> str:

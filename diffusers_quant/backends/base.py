@@ -139,6 +139,10 @@ class Backend:
             raise ValueError(f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
         return layer.to(device)
 
+    def offload_ready(self, module: torch.nn.Module) -> None:
+        """Make the layer move as one unit under every offloader (``Module.to``, diffusers' ``.data``
+        swaps, accelerate's hooks). Layers that keep all their state in parameters need nothing."""
+
     def dequantize_weight(self, module: torch.nn.Module) -> torch.Tensor:
         """The layer's weight in full precision (float32, or the layer's compute dtype), on its device."""
         raise NotImplementedError

@@ -231,6 +231,9 @@ class BnbBackend(Backend):
             layer.bias = torch.nn.Parameter(bias, requires_grad=False)
         return layer
 
+    def offload_ready(self, module) -> None:
+        _keep_state_with_weight(module)
+
     def dequantize_weight(self, module):
         import bitsandbytes.functional as F
         import torch
@@ -255,3 +258,108 @@ class BnbBackend(Backend):
         if weight.blocksize != 64:
             options["blocksize"] = weight.blocksize
         return Spec.create(self.name, weight.quant_type, **options)
+
+
+# --- offloading: a layer moves with its quantization state as one unit -------------------------------------
+#
+# bitsandbytes keeps the 4-bit block scales in a QuantState object and the int8 row scales (SCB) on the
+# parameter or in the layer's MatmulLtState: outside the module's parameters and buffers. Offloaders move
+# parameters and buffers only (diffusers' group offload swaps ``.data``; ``Module.to`` goes through
+# ``_apply``, which never calls ``Linear8bitLt.to``), so the scales stay behind and the next forward fails
+# with a device mismatch, or the int8 state puts the weight back on the device it came from. The fix: the
+# scales become non-persistent buffers of the layer (integer views, so dtype casts never touch them), which
+# every offloader moves with the weight, and bitsandbytes' state objects read and write those buffers
+# (properties on a subclass of their own class), so no second reference keeps a moved copy alive.
+
+_INT_VIEW = {4: "int32", 2: "int16", 1: "uint8"}
+_QS_FIELDS = ("absmax", "code", "offset")
+_LINKED: dict[type, type] = {}
+
+
+def _scale_property(field: str):
+    def get(self):
+        if field == "CB":
+            return self._dq_module.weight.data
+        buffer = self._dq_module._buffers.get(self._dq_prefix + field)
+        if buffer is None:
+            return self.__dict__.get(field)
+        dtype = self._dq_dtypes[field]
+        return buffer.view(dtype) if dtype.is_floating_point else buffer
+
+    def set_(self, value):
+        if value is None and field != "CB":
+            self.__dict__[field] = None
+            return
+        if field == "CB":  # int8: CB is the weight's data itself; a stale copy must never replace it
+            return
+        _store(self._dq_module, self._dq_prefix + field, value)
+        self._dq_dtypes[field] = value.dtype
+
+    return property(get, set_)
+
+
+def _store(module, name: str, value) -> None:
+    import torch
+
+    kind = getattr(torch, _INT_VIEW[value.element_size()])
+    as_int = value.view(kind) if value.is_floating_point() else value
+    buffer = module._buffers.get(name)
+    if buffer is None:
+        module.register_buffer(name, as_int, persistent=False)
+    else:
+        buffer.data = as_int  # the same buffer object: offloaders keyed by it keep working
+
+
+def _linked_class(base: type, fields: tuple[str, ...]) -> type:
+    if base not in _LINKED:
+
+        def plain(self):
+            """An unlinked copy's contents: bitsandbytes' own class holding the tensors themselves."""
+            out = base.__new__(base)
+            out.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_dq_")})
+            out.__dict__.update({f: getattr(self, f) for f in fields})
+            return out
+
+        def deepcopy(self, memo):
+            import copy
+
+            return copy.deepcopy(plain(self), memo)
+
+        namespace = {f: _scale_property(f) for f in fields}
+        namespace.update(__deepcopy__=deepcopy)
+        _LINKED[base] = type(f"Linked{base.__name__}", (base,), namespace)
+    return _LINKED[base]
+
+
+def _link(obj, module, prefix: str, fields: tuple[str, ...]) -> None:
+    """Move ``obj``'s scale tensors into buffers of ``module`` and make ``obj`` read them from there."""
+    if type(obj) in _LINKED.values():
+        return
+    values = {f: obj.__dict__.pop(f, None) for f in fields}
+    obj._dq_module, obj._dq_prefix, obj._dq_dtypes = module, prefix, {}
+    obj.__class__ = _linked_class(type(obj), fields)
+    for field, value in values.items():
+        setattr(obj, field, value)
+
+
+def _keep_state_with_weight(module) -> None:
+    if type(module).__name__ == "Linear8bitLt":
+        weight, state = module.weight, module.state
+        scb = weight.SCB if weight.SCB is not None else state.SCB
+        weight.CB = weight.SCB = None  # what init_8bit_state leaves: the state below is what runs
+        state.SCB = scb
+        _link(state, module, "_dq_", ("CB", "SCB"))
+        return
+    _link_quant_state(module)
+    if not getattr(module, "_dq_relinks", False):
+        # A LoRA merge or a reload gives the weight a new quant state: link that one too.
+        module.register_forward_pre_hook(lambda m, args: _link_quant_state(m))
+        module._dq_relinks = True
+
+
+def _link_quant_state(module) -> None:
+    qs = module.weight.quant_state
+    _link(qs, module, "_dq_", _QS_FIELDS)
+    if qs.nested and qs.state2 is not None:
+        _link(qs.state2, module, "_dq_state2_", _QS_FIELDS)
+    module.quant_state = qs
