@@ -138,7 +138,9 @@ def _refuse_image_suffix(out: Path) -> None:
 
 def cmd_check(args) -> int:
     """Say whether a plan can run on a pipeline, reading no weights."""
+    from .errors import PlanRefused
     from .hooks import _pipeline_components
+    from .offload import planned_maps
     from .rules import problems
 
     plan = _plan(args)
@@ -148,6 +150,15 @@ def cmd_check(args) -> int:
     for c in components:
         spec = plan.spec_for(c.name, c.kind, pipeline=True)
         print(f"{c.name:16} {c.kind:13} {spec or '-'}")
+    if os.path.isdir(path):  # the map needs no GPU: it is shown even where the GPU check refused
+        try:
+            maps = planned_maps(plan, path, components)
+        except PlanRefused as e:
+            found += e.problems
+        else:
+            for name, device_map in maps.items():
+                print(f"{name}: balanced device map (from the configs; no weight read)")
+                print("\n".join(device_map.lines()))
     if found:
         print("refused:\n" + "\n".join(f"  - {p}" for p in found))
         return 1

@@ -26,7 +26,7 @@ import torch
 
 from .components import Component, kind_of_class
 from .detect import is_gguf_file
-from .errors import QuantError
+from .errors import PlanRefused, QuantError
 from .loading import (
     ACTIVE_PIPELINE,
     Load,
@@ -36,9 +36,9 @@ from .loading import (
     load_model,
     quantize_loaded,
 )
-from .offload import place_model, place_pipeline
+from .offload import place_model, place_pipeline, planned_maps
 from .report import Report
-from .rules import enforce
+from .rules import enforce, problems
 from .spec import Plan
 
 ENV_VAR = "DIFFUSERS_QUANT"
@@ -179,7 +179,15 @@ def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *a
     # With no plan the load still runs under an empty one, so components saved quantized are reported.
     plan = _call_plan(kwargs) or ambient_plan() or Plan(source="none")
     folder = _local_folder(pretrained)
-    enforce(plan, _pipeline_components(cls, folder, kwargs), whole_pipeline=True)
+    components = _pipeline_components(cls, folder, kwargs)
+    found = problems(plan, components, whole_pipeline=True)
+    if folder is not None:  # a budget below a block's size is refused too, before any weight is read
+        try:
+            planned_maps(plan, folder, components, kwargs.get("dtype") or kwargs.get("torch_dtype"))
+        except PlanRefused as e:
+            found += e.problems
+    if found:
+        raise PlanRefused(found)
     report = Report(plan=str(plan), offload=plan.offload)
     token = ACTIVE_PIPELINE.set(PipelineLoad(plan, report))
     try:

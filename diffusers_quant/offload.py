@@ -2,8 +2,8 @@
 
 Every mode uses the libraries' own machinery: ``enable_model_cpu_offload`` and
 ``enable_sequential_cpu_offload`` (accelerate's hooks), diffusers' group offloading, and for ``balanced``
-accelerate's ``infer_auto_device_map`` with accelerate's ``cpu_offload_with_hook`` on the blocks it leaves on
-the CPU. Two things they get wrong for quantized layers are fixed here:
+accelerate's ``infer_auto_device_map`` with diffusers' offload groups (streamed, prefetched) on the blocks it
+leaves on the CPU. Two things they get wrong for quantized layers are fixed here:
 
 * sizes: accelerate counts ``numel x dtype size`` of parameters, which misses bitsandbytes' scales and
   counts a quanto weight at its logical dtype; the device map is planned with the bytes each layer stores
@@ -102,6 +102,10 @@ class DeviceMap:
         return out
 
 
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.2f} MiB"
+
+
 def _device_name(d) -> str:
     return f"cuda:{d}" if isinstance(d, int) else str(d)
 
@@ -123,22 +127,21 @@ def plan_device_map(
     layer never leaves its scales. A budget smaller than the largest block is refused: that block must be
     whole on the GPU while it runs."""
     from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory, get_max_layer_size
+    from accelerate.utils import get_balanced_memory
 
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     index = torch.device(plan.device).index or 0
     max_memory = _max_memory(plan, index)
     with _sizes_for_accelerate(sizes):
-        modules = [(n, m) for n, m in model.named_children()]
-        largest, block_names = get_max_layer_size(modules, sizes, no_split)
+        largest_name, largest = largest_block(model, sizes)
         budget = (max_memory or {}).get(index)
         if budget is not None and largest > budget:
             raise PlanRefused(
                 [
-                    f"{name}: offload=balanced with {budget / GiB:.3f} GiB of GPU memory is less than its "
-                    f"largest block ({block_names[0] if block_names else '?'}, {largest / GiB:.3f} GiB), "
-                    "which must be whole on the GPU while it runs; fix: give gpu_memory="
-                    f"{largest / GiB * 1.25:.2f} or more, or use offload=group (streams one block at a time)"
+                    f"{name}: offload=balanced with {_size(budget)} of GPU memory is less than its largest "
+                    f"block ({largest_name or '(whole model)'}, {_size(largest)}), which must be whole "
+                    f"on the GPU while it runs; fix: give gpu_memory={largest * 1.25 / GiB:.3g} (GiB) or more, "
+                    "or use offload=group (streams one block at a time)"
                 ]
             )
         if max_memory is None:
@@ -147,37 +150,81 @@ def plan_device_map(
     bytes_on: dict[str, int] = defaultdict(int)
     for part, device in placement.items():
         bytes_on[_device_name(device) if device != "disk" else "cpu"] += sizes.get(part, 0)
-    largest_name = block_names[0] if block_names else ""
     return DeviceMap(dict(placement), dict(bytes_on), (largest_name, largest), budget)
 
 
+def largest_block(model: torch.nn.Module, sizes: dict[str, int]) -> tuple[str, int]:
+    """The biggest unit a balanced map cannot split (a ``_no_split_modules`` block, or a leaf module), and
+    its bytes by ``sizes``: the least GPU memory a balanced split needs."""
+    from accelerate.utils import get_max_layer_size
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    size, names = get_max_layer_size(list(model.named_children()), sizes, no_split)
+    return (names[0] if names else ""), size
+
+
 def balance_model(model: torch.nn.Module, plan: Plan, name: str = "component") -> DeviceMap:
-    """Split ``model`` between the GPU and the CPU by a quantization-aware balanced device map; blocks left
-    on the CPU are moved to the GPU whole when they run and back after (accelerate's ``CpuOffload`` hooks,
-    chained so at most one of them is on the GPU at a time)."""
-    from accelerate import cpu_offload_with_hook
+    """Split ``model`` between the GPU and the CPU by a quantization-aware balanced device map.
+
+    What the map puts on the GPU stays there; each block it leaves on the CPU becomes one of diffusers'
+    offload groups (``ModuleGroup`` with its ``GroupOffloadingHook``). On CUDA the groups copy from pinned
+    memory on a side stream and are chained so the next CPU block is copied while the current one runs
+    (the first one while the GPU-resident blocks run); going back to the CPU is a pointer swap."""
+    from diffusers.hooks.group_offloading import (
+        GroupOffloadingConfig,
+        ModuleGroup,
+        _apply_group_offloading_hook,
+    )
 
     offload_ready(model)
     device_map = plan_device_map(model, module_sizes(model), plan, name)
     main = torch.device(plan.device)
+    if main.type == "cuda" and main.index is None:
+        main = torch.device("cuda", torch.cuda.current_device())
+    cpu = torch.device("cpu")
     on_cpu = []
     for part, device in device_map.placement.items():
         module = model.get_submodule(part) if part else model
         if device in ("cpu", "disk"):
             on_cpu.extend(_callable_parts(part, module))
         else:
-            module.to(torch.device(main.type, device))
-    hooks = []
-    for _part, module in on_cpu:
-        if next(module.parameters(), None) is None:  # buffers only: resident (accelerate's hook needs a
-            module.to(main)  # parameter to tell where the module is)
+            module.to(torch.device(main.type, device) if main.type != "cpu" else main)
+    stream = torch.cuda.Stream(device=main) if main.type == "cuda" else None
+    config = GroupOffloadingConfig(
+        onload_device=main,
+        offload_device=cpu,
+        offload_type="block_level",
+        non_blocking=stream is not None,
+        record_stream=False,
+        low_cpu_mem_usage=False,
+        num_blocks_per_group=1,
+        stream=stream,
+    )
+    groups = []
+    for part, module in on_cpu:
+        if next(module.parameters(), None) is None:  # buffers only: resident
+            module.to(main)
             continue
-        _, hook = cpu_offload_with_hook(
-            module, execution_device=main, prev_module_hook=hooks[-1] if hooks else None
+        group = ModuleGroup(
+            modules=[module],
+            offload_device=cpu,
+            onload_device=main,
+            offload_leader=module,
+            onload_leader=module,
+            non_blocking=stream is not None,
+            stream=stream,
+            group_id=f"{name}.{part}",
         )
-        hooks.append(hook)
-    if len(hooks) > 1:  # the first block of the next call offloads the last one of this call
-        hooks[0].hook.prev_module_hook = hooks[-1]
+        _apply_group_offloading_hook(module, group, config=config)
+        groups.append((module, group))
+    if stream is not None and groups:
+        for (module, _), (_, following) in zip(groups, groups[1:], strict=False):
+            module._diffusers_hook.get_hook("group_offloading").next_group = following
+            following.onload_self = False
+        first = groups[0][1]
+        first.onload_self = False
+        # The first CPU block is copied while the blocks resident on the GPU run.
+        model.register_forward_pre_hook(lambda module, args: first.onload_())
     model.hf_device_map = {p: _device_name(d) for p, d in device_map.placement.items()}
     return device_map
 
@@ -259,3 +306,57 @@ def place_model(model: torch.nn.Module, plan: Plan, name: str) -> None:
         group_offload(model, plan)
     elif plan.offload == "balanced":
         balance_model(model, plan, name)
+
+
+# --- planning before any weight is read --------------------------------------------------------------------
+
+
+def planned_sizes(model: torch.nn.Module, spec, kind: str, dtype: torch.dtype | None) -> dict[str, int]:
+    """Bytes per module name of ``model`` (on the meta device) once ``spec`` has quantized it: the
+    backend's bytes per parameter (packed data plus scales) for each layer it takes, the load dtype for the
+    rest."""
+    from .backends import get_backend
+    from .components import select_linears
+
+    chosen = set(select_linears(model, spec, kind)) if spec is not None else set()
+    per_param = get_backend(spec.backend).bytes_per_param(spec) if spec is not None else 0.0
+    sizes: dict[str, int] = defaultdict(int)
+    for name, module in model.named_modules():
+        own = 0
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for tensor_name, t in tensors:
+            if name in chosen and tensor_name == "weight":
+                own += int(t.numel() * per_param)
+            elif dtype is not None and t.is_floating_point():
+                own += t.numel() * dtype.itemsize
+            else:
+                own += t.numel() * t.element_size()
+        _add(sizes, name, own)
+    return sizes
+
+
+def planned_maps(plan: Plan, folder: str, components, dtype=None) -> dict[str, DeviceMap]:
+    """The balanced device map of every quantized component of the pipeline in ``folder``, from configs
+    alone (models built on the meta device; no weight file is opened), at the load's ``dtype`` (default: the
+    plan's, else float32 as the libraries load). Raises PlanRefused where a budget is smaller than a
+    component's largest block."""
+    import os
+
+    from .hooks import _import_class
+    from .streaming import build_empty
+
+    maps = {}
+    if plan.offload != "balanced" or (plan.gpu_memory is None and not plan.max_memory):
+        return maps
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    dtype = dtype or (getattr(torch, plan.dtype) if plan.dtype else None)
+    for c in components:
+        spec = plan.spec_for(c.name, c.kind, pipeline=True)
+        cls = _import_class("", c.class_name)
+        sub = os.path.join(folder, c.name)
+        if spec is None or cls is None or not os.path.isdir(sub):
+            continue
+        model = build_empty(cls, sub)
+        maps[c.name] = plan_device_map(model, planned_sizes(model, spec, c.kind, dtype), plan, c.name)
+    return maps

@@ -92,7 +92,8 @@ def test_check_reports_refusals_without_loading(capsys, flux_path):
         (["quantize", "/nonexistent", "--quant", "gguf:q8_0", "--out", "x.gguf"], "does not exist"),
         (
             ["generate", "--quant", "model=bnb:nf4;ofload=model"],
-            "unknown setting 'ofload'; expected one of mode, offload, device, dtype, gpu_memory; "
+            "unknown setting 'ofload'; expected one of mode, offload, device, dtype, gpu_memory, max_memory, "
+            "group_type, group_blocks, stream, record_stream, low_cpu_mem_usage; "
             "did you mean 'offload'?",
         ),
         # --out is checked against the format before the model is even looked at
