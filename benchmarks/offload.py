@@ -63,7 +63,8 @@ def quantized(base, spec, device):
 
 
 def step(model, inputs, defn, device):
-    """Median step time (ms) and the GPU peak above what was allocated before the steps."""
+    """Median step time (ms, host clock around a synchronised step: offload hooks run on the host) and the
+    GPU allocator peak during the measured steps (everything resident included)."""
     cuda = device.startswith("cuda")
     times = []
     with torch.no_grad():
@@ -139,14 +140,7 @@ def run(model_name: str, device: str, specs, modes, out: Path) -> dict:
                 flush=True,
             )
             model = None
-    return dict(
-        model=model_name,
-        about=defn.about,
-        device=device,
-        gpu=gpu_name() if device.startswith("cuda") else None,
-        torch=torch.__version__,
-        rows=rows,
-    )
+    return result
 
 
 def markdown(result: dict) -> str:

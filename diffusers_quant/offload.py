@@ -59,6 +59,14 @@ def module_sizes(model: torch.nn.Module) -> dict[str, int]:
     alive: list = []
     for name, module in model.named_modules():
         _add(sizes, name, own_state_nbytes(module, seen, alive))
+        if next(module.children(), None) is not None:  # accelerate places such a module's own tensors
+            for tensor_name, tensor in [
+                *module.named_parameters(recurse=False),
+                *module.named_buffers(recurse=False),
+            ]:
+                sizes[f"{name}.{tensor_name}" if name else tensor_name] = (
+                    tensor.numel() * tensor.element_size()
+                )
     return sizes
 
 
@@ -144,8 +152,9 @@ def plan_device_map(
                     "or use offload=group (streams one block at a time)"
                 ]
             )
-        if max_memory is None:
-            max_memory = get_balanced_memory(model, no_split_module_classes=no_split)
+        if max_memory is None:  # what is free on the plan's GPU (never the other GPUs of the host)
+            free = get_balanced_memory(model, no_split_module_classes=no_split)
+            max_memory = {k: v for k, v in free.items() if k in (index, "cpu")}
         placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     bytes_on: dict[str, int] = defaultdict(int)
     for part, device in placement.items():
@@ -184,8 +193,10 @@ def balance_model(model: torch.nn.Module, plan: Plan, name: str = "component") -
     cpu = torch.device("cpu")
     on_cpu = []
     for part, device in device_map.placement.items():
-        module = model.get_submodule(part) if part else model
-        if device in ("cpu", "disk"):
+        module = _module_or_tensor(model, part)
+        if isinstance(module, torch.Tensor):  # a module's own parameter or buffer: small, kept resident
+            module.data = module.data.to(main)
+        elif device in ("cpu", "disk"):
             on_cpu.extend(_callable_parts(part, module))
         else:
             module.to(torch.device(main.type, device) if main.type != "cpu" else main)
@@ -218,15 +229,67 @@ def balance_model(model: torch.nn.Module, plan: Plan, name: str = "component") -
         _apply_group_offloading_hook(module, group, config=config)
         groups.append((module, group))
     if stream is not None and groups:
-        for (module, _), (_, following) in zip(groups, groups[1:], strict=False):
-            module._diffusers_hook.get_hook("group_offloading").next_group = following
-            following.onload_self = False
-        first = groups[0][1]
-        first.onload_self = False
-        # The first CPU block is copied while the blocks resident on the GPU run.
-        model.register_forward_pre_hook(lambda module, args: first.onload_())
+        _keep_buffers_with_groups(model)
+        _prefetch_in_execution_order(model, groups)
     model.hf_device_map = {p: _device_name(d) for p, d in device_map.placement.items()}
     return device_map
+
+
+def _module_or_tensor(model: torch.nn.Module, part: str):
+    """What a device-map entry names: a module, or (accelerate places a split module's own tensors by
+    name) a parameter or buffer."""
+    if not part:
+        return model
+    try:
+        return model.get_submodule(part)
+    except AttributeError:
+        parent, _, attr = part.rpartition(".")
+        return getattr(model.get_submodule(parent) if parent else model, attr)
+
+
+def _prefetch_in_execution_order(model: torch.nn.Module, groups: list) -> None:
+    """Chain the CPU blocks' groups so each copies the next one in while it runs, in the order the first
+    call runs them (module order is not run order: a UNet registers its up blocks before its mid block).
+    The first call onloads each block itself; a block a later call skips still onloads itself."""
+    order: list = []
+    recorders = [
+        module.register_forward_pre_hook(lambda m, args, g=group: order.append(g) if g not in order else None)
+        for module, group in groups
+    ]
+    hook_of = {id(group): module._diffusers_hook.get_hook("group_offloading") for module, group in groups}
+
+    def chain(module, args, output):
+        for handle in recorders:
+            handle.remove()
+        finished.remove()
+        for current, following in zip(order, order[1:], strict=False):
+            hook_of[id(current)].next_group = following
+            following.onload_self = False
+        if order:
+            first = order[0]
+            first.onload_self = False
+            # the first CPU block is copied in while the blocks resident on the GPU run
+            model.register_forward_pre_hook(lambda m, a: first.onload_())
+
+    finished = model.register_forward_hook(chain)
+
+
+def _keep_buffers_with_groups(model: torch.nn.Module) -> None:
+    """With streams, diffusers' groups copy their modules' buffers in but swap back only parameters and
+    the group's own buffer list; put the buffers (bitsandbytes' scales among them) on that list, so they
+    leave the GPU with their weights."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is None or hook.group.stream is None:
+            continue
+        group = hook.group
+        listed = {id(b) for b in group.buffers}
+        for m in group.modules:
+            for buffer in m.buffers():
+                if id(buffer) not in listed and buffer in group.cpu_param_dict:
+                    group.buffers.append(buffer)
+                    listed.add(id(buffer))
 
 
 def _callable_parts(name: str, module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -261,6 +324,7 @@ def group_offload(model: torch.nn.Module, plan: Plan) -> None:
 
     offload_ready(model)
     apply_group_offloading(model, **group_options(plan))
+    _keep_buffers_with_groups(model)
 
 
 # --- placing -----------------------------------------------------------------------------------------------
@@ -297,7 +361,9 @@ def place_model(model: torch.nn.Module, plan: Plan, name: str) -> None:
     if plan.offload == "model":
         from accelerate import cpu_offload_with_hook
 
-        cpu_offload_with_hook(model, execution_device=torch.device(plan.device))
+        # Moved to the GPU at its first call; ``model.quant_offload_hook.offload()`` sends it back (in a
+        # pipeline, the pipeline does that after each call).
+        _, model.quant_offload_hook = cpu_offload_with_hook(model, execution_device=torch.device(plan.device))
     elif plan.offload == "sequential":
         from accelerate import cpu_offload
 
@@ -349,8 +415,9 @@ def planned_maps(plan: Plan, folder: str, components, dtype=None) -> dict[str, D
     if plan.offload != "balanced" or (plan.gpu_memory is None and not plan.max_memory):
         return maps
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""))
-    dtype = dtype or (getattr(torch, plan.dtype) if plan.dtype else None)
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):  # "auto", a per-component dict: the plan's, else float32
+        dtype = getattr(torch, plan.dtype) if plan.dtype else None
     for c in components:
         spec = plan.spec_for(c.name, c.kind, pipeline=True)
         cls = _import_class("", c.class_name)

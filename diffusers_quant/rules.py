@@ -113,9 +113,9 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(backend="bnb|quanto|nncf", kind=QUANTIZABLE, offload="none", device="cpu|cuda", allowed=True),
     Rule(backend="gguf", kind="transformer|unet", offload="none", device="cpu|cuda", allowed=True),
-    # Every offload cell below is run by tests/test_rules.py::test_every_allowed_cuda_cell_runs (a whole
-    # pipeline generating, compared with the same spec fully resident) and tests/test_offload_gpu.py; the
-    # packed layers move as they are (bitsandbytes' scales are registered as buffers for it: offload.py).
+    # Every offload cell below is run on CUDA by tests/test_rules.py::test_every_allowed_cuda_cell_runs (a
+    # whole pipeline generating, compared with the same spec fully resident) and, for a transformer, by
+    # benchmarks/offload.py; the packed layers move as they are (bitsandbytes' scales become buffers for it).
     Rule(
         backend="gguf", kind="transformer|unet", offload="model|sequential|group", device="cuda", allowed=True
     ),

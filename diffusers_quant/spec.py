@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 
@@ -159,7 +160,9 @@ def _max_memory_text(value: object) -> str:
             gib = float(amount)
         except ValueError:
             gib = -1.0
-        if not sep or key not in ("gpu", "cpu") or not gib > 0:
+        if any(p.startswith(f"{key}:") for p in parts):
+            raise SpecError(f"max_memory={value!r} gives {key} twice; expected e.g. max_memory=gpu:8|cpu:64")
+        if not sep or key not in ("gpu", "cpu") or not (gib > 0 and math.isfinite(gib)):
             raise SpecError(
                 f"max_memory={value!r}; expected 'gpu:GiB|cpu:GiB' with positive numbers, e.g. "
                 "max_memory=gpu:8|cpu:64"
@@ -231,11 +234,11 @@ class Plan:
         if self.gpu_memory is not None:
             try:
                 object.__setattr__(self, "gpu_memory", float(self.gpu_memory))
-            except ValueError:
+            except (TypeError, ValueError):
                 raise SpecError(
                     f"gpu_memory={self.gpu_memory!r}; expected a number of GiB, e.g. gpu_memory=8"
                 ) from None
-            if not self.gpu_memory > 0:
+            if not (self.gpu_memory > 0 and math.isfinite(self.gpu_memory)):
                 raise SpecError(f"gpu_memory={self.gpu_memory:g}; expected a positive number of GiB")
         self._check_offload_settings()
         for pattern, _ in self.entries:
@@ -251,8 +254,11 @@ class Plan:
             raise SpecError(f"unknown group_type {self.group_type!r}; expected one of {choices(GROUP_TYPES)}")
         object.__setattr__(self, "group_type", group_type)
         try:
-            object.__setattr__(self, "group_blocks", int(self.group_blocks))
-        except ValueError:
+            blocks = self.group_blocks
+            object.__setattr__(
+                self, "group_blocks", blocks if type(blocks) is int else int(str(blocks).strip())
+            )
+        except (TypeError, ValueError):
             raise SpecError(
                 f"group_blocks={self.group_blocks!r}; expected a whole number, e.g. group_blocks=1"
             ) from None
@@ -260,6 +266,10 @@ class Plan:
             raise SpecError(f"group_blocks={self.group_blocks}; expected 1 or more blocks per group")
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", _max_memory_text(self.max_memory))
+        if self.group_blocks != 1 and self.group_type == "leaf":
+            raise SpecError("group_blocks is for group_type=block (leaf groups are single layers); drop one")
+        if self.gpu_memory is not None and self.max_memory is not None:
+            raise SpecError("gpu_memory and max_memory both set a GPU budget; give one of them")
         if self.record_stream and not self.stream:
             raise SpecError(
                 "record_stream=true needs stream=true (it records tensors on the transfer stream)"

@@ -138,7 +138,9 @@ def test_a_pipeline_load_with_a_too_small_budget_fails_before_reading_weights(fl
         weights.write_bytes(b"not a safetensors file")
     before = _digest(folder)
     diffusers_quant.install()
-    with pytest.raises(PlanRefused, match=r"(?s)no CUDA device.*less than its largest block .* fix: give gpu_memory="):
+    with pytest.raises(
+        PlanRefused, match=r"(?s)no CUDA device.*less than its largest block .* fix: give gpu_memory="
+    ):
         DiffusionPipeline.from_pretrained(
             folder,
             dtype=torch.bfloat16,
@@ -235,6 +237,21 @@ def test_every_offload_mode_leaves_the_output_unchanged(quantized, mode, setting
         (
             "transformer=bnb:nf4;offload=group;strem=true",
             r"unknown setting 'strem'; .* did you mean 'stream'\?",
+        ),
+        (
+            "transformer=bnb:nf4;offload=balanced;gpu_memory=inf",
+            r"gpu_memory=inf; expected a positive number",
+        ),
+        ("transformer=bnb:nf4;offload=balanced;max_memory=gpu:inf", r"max_memory='gpu:inf'; expected"),
+        ("transformer=bnb:nf4;offload=balanced;max_memory=gpu:8|gpu:2", r"gives gpu twice"),
+        ("transformer=bnb:nf4;offload=balanced;gpu_memory=4;max_memory=gpu:4", r"both set a GPU budget"),
+        (
+            "transformer=bnb:nf4;offload=group;group_blocks=2.7",
+            r"group_blocks='2.7'; expected a whole number",
+        ),
+        (
+            "transformer=bnb:nf4;offload=group;group_type=leaf;group_blocks=2",
+            r"group_blocks is for group_type=block",
         ),
     ],
 )
