@@ -224,6 +224,9 @@ def balance_model(model: torch.nn.Module, plan: Plan, name: str = "component") -
             onload_leader=module,
             non_blocking=stream is not None,
             stream=stream,
+            # With a stream, a group that loads itself must also wait for its copy: diffusers does that on
+            # the path for groups nobody prefetched, which onload_self=False takes until the chain is built.
+            onload_self=stream is None,
             group_id=f"{name}.{part}",
         )
         _apply_group_offloading_hook(module, group, config=config)
@@ -250,7 +253,7 @@ def _module_or_tensor(model: torch.nn.Module, part: str):
 def _prefetch_in_execution_order(model: torch.nn.Module, groups: list) -> None:
     """Chain the CPU blocks' groups so each copies the next one in while it runs, in the order the first
     call runs them (module order is not run order: a UNet registers its up blocks before its mid block).
-    The first call onloads each block itself; a block a later call skips still onloads itself."""
+    Until then, and for a block a later call skips, a block is copied in when it runs."""
     order: list = []
     recorders = [
         module.register_forward_pre_hook(lambda m, args, g=group: order.append(g) if g not in order else None)
