@@ -37,6 +37,7 @@ from .loading import (
     quantize_loaded,
 )
 from .offload import place_model, place_pipeline, planned_maps
+from .pickles import check_pickle, is_pickle_checkpoint
 from .report import Report
 from .rules import enforce, problems
 from .spec import Plan
@@ -96,6 +97,8 @@ def _require_local_file(pretrained) -> None:
     """A local-looking path that does not exist is named here; diffusers would call it an invalid URL."""
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
+    if isinstance(pretrained, str) and is_pickle_checkpoint(pretrained):
+        check_pickle(pretrained)  # refused here, naming the fix, before the library unpickles anything
     if not isinstance(pretrained, str) or os.path.exists(pretrained):
         return
     if "://" in pretrained or pretrained.startswith(_URL_PREFIXES):

@@ -13,6 +13,7 @@ import torch
 from .components import Component, count_linears, fp32_modules, kind_of_class
 from .contract import attach, quantized_layers
 from .errors import QuantError
+from .pickles import check_folder_pickles
 from .post_load import quantize_model, state_nbytes
 from .report import ComponentReport, Report
 from .rules import enforce
@@ -242,6 +243,7 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     report = active.report if active is not None else None
     # A saved quantized component is recognised from its config and headers before anything else is read.
     folder = _resolve_folder(pretrained, kwargs)
+    check_folder_pickles(folder)
     saved = read_saved(folder, kwargs.get("variant"))
     if saved is not None:
         return load_saved(saved, Load.create(cls, pretrained, kwargs, plan, report))
