@@ -10,8 +10,8 @@ leaves on the CPU. Two things they get wrong for quantized layers are fixed here
   (packed data plus scales), so it fits what is really resident;
 * movement: a layer must move with its scales as one unit. Before any offloader is attached each backend
   makes its layers ready (``Backend.offload_ready``; bitsandbytes registers its out-of-module scales as
-  buffers), and blocks the map leaves on the CPU are moved whole with ``Module.to`` (never rebuilt from a
-  weights map on the meta device, which cannot rebuild packed layers).
+  buffers), and blocks the map leaves on the CPU move by swapping their tensors' storage (never rebuilt
+  from a weights map on the meta device, which cannot rebuild packed layers).
 """
 
 from __future__ import annotations
@@ -54,20 +54,31 @@ def module_sizes(model: torch.nn.Module) -> dict[str, int]:
     ``compute_module_sizes`` reports them, but counting what quantized layers really hold."""
     from .post_load import own_state_nbytes
 
-    sizes: dict[str, int] = defaultdict(int)
     seen: set[int] = set()
     alive: list = []
+    return _sizes(
+        model,
+        lambda name, module: own_state_nbytes(module, seen, alive),
+        lambda name, tensor_name, tensor: tensor.numel() * tensor.element_size(),
+    )
+
+
+def _sizes(model: torch.nn.Module, module_nbytes, tensor_nbytes) -> dict[str, int]:
+    """Sizes by name for accelerate's planners: each module's own bytes added to it and every parent, and,
+    for a module with children, each of its own tensors by name too (accelerate places those separately)."""
+    sizes: dict[str, int] = defaultdict(int)
     for name, module in model.named_modules():
-        _add(sizes, name, own_state_nbytes(module, seen, alive))
-        if next(module.children(), None) is not None:  # accelerate places such a module's own tensors
-            for tensor_name, tensor in [
-                *module.named_parameters(recurse=False),
-                *module.named_buffers(recurse=False),
-            ]:
-                sizes[f"{name}.{tensor_name}" if name else tensor_name] = (
-                    tensor.numel() * tensor.element_size()
+        _add(sizes, name, module_nbytes(name, module))
+        if next(module.children(), None) is not None:
+            for tensor_name, tensor in _own_tensors(module):
+                sizes[f"{name}.{tensor_name}" if name else tensor_name] = tensor_nbytes(
+                    name, tensor_name, tensor
                 )
     return sizes
+
+
+def _own_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
 
 
 def _add(sizes: dict[str, int], name: str, nbytes: int) -> None:
@@ -102,11 +113,9 @@ class DeviceMap:
 
     def lines(self) -> list[str]:
         out = [f"  {name or '(whole model)'} -> {_device_name(d)}" for name, d in self.placement.items()]
-        out += [f"  {dev}: {n / GiB:.3f} GiB" for dev, n in self.bytes_on.items()]
+        out += [f"  {dev}: {_size(n)}" for dev, n in self.bytes_on.items()]
         name, size = self.largest_block
-        out.append(
-            f"  largest block: {name or '(whole model)'} {size / GiB:.3f} GiB (streamed in when on the CPU)"
-        )
+        out.append(f"  largest block: {name or '(whole model)'} {_size(size)} (streamed in when on the CPU)")
         return out
 
 
@@ -137,7 +146,7 @@ def plan_device_map(
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    no_split = _no_split(model)
     index = torch.device(plan.device).index or 0
     max_memory = _max_memory(plan, index)
     with _sizes_for_accelerate(sizes):
@@ -162,13 +171,16 @@ def plan_device_map(
     return DeviceMap(dict(placement), dict(bytes_on), (largest_name, largest), budget)
 
 
+def _no_split(model: torch.nn.Module) -> list[str]:
+    return list(getattr(model, "_no_split_modules", None) or [])
+
+
 def largest_block(model: torch.nn.Module, sizes: dict[str, int]) -> tuple[str, int]:
     """The biggest unit a balanced map cannot split (a ``_no_split_modules`` block, or a leaf module), and
     its bytes by ``sizes``: the least GPU memory a balanced split needs."""
     from accelerate.utils import get_max_layer_size
 
-    no_split = list(getattr(model, "_no_split_modules", None) or [])
-    size, names = get_max_layer_size(list(model.named_children()), sizes, no_split)
+    size, names = get_max_layer_size(list(model.named_children()), sizes, _no_split(model))
     return (names[0] if names else ""), size
 
 
@@ -336,7 +348,7 @@ def group_offload(model: torch.nn.Module, plan: Plan) -> None:
 def place_pipeline(pipe, plan: Plan) -> None:
     """Apply the plan's offload mode (or move to the device) once every component is loaded."""
     modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    if plan.offload != "none":
+    if plan.offload in ("model", "sequential"):  # balanced and group make their components ready themselves
         for module in modules.values():
             offload_ready(module)
     if plan.offload == "model":
@@ -358,9 +370,8 @@ def place_pipeline(pipe, plan: Plan) -> None:
 
 def place_model(model: torch.nn.Module, plan: Plan, name: str) -> None:
     """A model loaded on its own: the same modes, with accelerate's hooks where a pipeline would add them."""
-    if plan.offload == "none":
-        return
-    offload_ready(model)
+    if plan.offload in ("model", "sequential"):  # balanced and group make the model ready themselves
+        offload_ready(model)
     if plan.offload == "model":
         from accelerate import cpu_offload_with_hook
 
@@ -389,19 +400,19 @@ def planned_sizes(model: torch.nn.Module, spec, kind: str, dtype: torch.dtype | 
 
     chosen = set(select_linears(model, spec, kind)) if spec is not None else set()
     per_param = get_backend(spec.backend).bytes_per_param(spec) if spec is not None else 0.0
-    sizes: dict[str, int] = defaultdict(int)
-    for name, module in model.named_modules():
-        own = 0
-        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for tensor_name, t in tensors:
-            if name in chosen and tensor_name == "weight":
-                own += int(t.numel() * per_param)
-            elif dtype is not None and t.is_floating_point():
-                own += t.numel() * dtype.itemsize
-            else:
-                own += t.numel() * t.element_size()
-        _add(sizes, name, own)
-    return sizes
+
+    def tensor_nbytes(name: str, tensor_name: str, t: torch.Tensor) -> int:
+        if name in chosen and tensor_name == "weight":
+            return int(t.numel() * per_param)
+        if dtype is not None and t.is_floating_point():
+            return t.numel() * dtype.itemsize
+        return t.numel() * t.element_size()
+
+    return _sizes(
+        model,
+        lambda name, module: sum(tensor_nbytes(name, n, t) for n, t in _own_tensors(module)),
+        tensor_nbytes,
+    )
 
 
 def planned_maps(plan: Plan, folder: str, components, dtype=None) -> dict[str, DeviceMap]:
