@@ -74,7 +74,9 @@ def cmd_generate(args) -> int:
     quantized = _render(pipe, args, demo)
     del pipe  # the full-precision pipeline below must not sit beside it in memory
     out.parent.mkdir(parents=True, exist_ok=True)
-    _to_pil(quantized).save(out)
+    from .report import to_pil
+
+    to_pil(quantized).save(out)
     print(f"wrote {out.resolve()}")
     if args.compare:
         import gc
@@ -104,12 +106,6 @@ def _render(pipe, args, demo: str | None):
     size = {"height": args.height or default, "width": args.width or default}
     kwargs = generate_kwargs(pipe, prompt=args.prompt, steps=args.steps, seed=args.seed, **size)
     return pipe(**kwargs, output_type="np").images[0]
-
-
-def _to_pil(image):
-    from PIL import Image
-
-    return Image.fromarray((image * 255).round().clip(0, 255).astype("uint8"))  # as diffusers' numpy_to_pil
 
 
 def _sheet_lines(report, rel_l2: float) -> list[str]:

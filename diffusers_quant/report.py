@@ -83,6 +83,13 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def to_pil(image):
+    """A float HxWx3 array in [0, 1] as a PIL image, rounded as diffusers' ``numpy_to_pil`` does."""
+    from PIL import Image
+
+    return Image.fromarray((image * 255).round().clip(0, 255).astype("uint8"))
+
+
 def comparison_sheet(full, quantized, lines: list[str], gain: float | None = None):
     """A PIL image: full precision | quantized | difference (amplified ``gain`` times), ``lines`` below.
 
@@ -106,7 +113,7 @@ def comparison_sheet(full, quantized, lines: list[str], gain: float | None = Non
     sheet = Image.new("RGB", (width, ph + 2 * pad + line * (1 + len(wrapped)) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (panel, label) in enumerate(zip((full, quantized, difference), labels, strict=True)):
-        pixels = Image.fromarray((panel * 255).round().clip(0, 255).astype("uint8"))
+        pixels = to_pil(panel)
         x = pad + i * (pw + pad)
         sheet.paste(pixels.resize((pw, ph), Image.NEAREST), (x, pad))
         draw.text((x, ph + pad + 2), label, fill="black")

@@ -44,6 +44,13 @@ GROUP_SETTINGS = ("group_type", "group_blocks", "stream", "record_stream", "low_
 GROUP_TYPES = ("block", "leaf")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
+
+def parse_flag(text: str) -> bool | None:
+    """``true``/``yes``/``on``/``1`` -> True, their opposites -> False, anything else -> None."""
+    text = str(text).strip().lower()
+    return text in _TRUE if text in _TRUE + _FALSE else None
+
+
 # Component kinds: what a component is, whatever the pipeline calls it.
 KINDS = ("transformer", "unet", "text_encoder", "vae", "controlnet", "other")
 # Group names usable as patterns, expanding to kinds (in a pipeline too).
@@ -141,12 +148,10 @@ def _option_text(value: object) -> str:
 
 
 def _bool_setting(key: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE + _FALSE:
-        return text in _TRUE
-    raise SpecError(f"{key}={value!r}; expected true or false")
+    flag = value if isinstance(value, bool) else parse_flag(value)
+    if flag is None:
+        raise SpecError(f"{key}={value!r}; expected true or false")
+    return flag
 
 
 def _max_memory_text(value: object) -> str:

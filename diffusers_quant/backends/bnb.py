@@ -18,17 +18,17 @@ if TYPE_CHECKING:
 
     from ..spec import Spec
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
 
 def _flag(spec: Spec, key: str, default: bool) -> bool:
+    from ..spec import parse_flag
+
     value = spec.option(key)
     if value is None:
         return default
-    if value.lower() in _TRUE | _FALSE:
-        return value.lower() in _TRUE
-    raise SpecError(f"option {key}={value!r} in {spec}; expected true or false")
+    flag = parse_flag(value)
+    if flag is None:
+        raise SpecError(f"option {key}={value!r} in {spec}; expected true or false")
+    return flag
 
 
 # --- bitsandbytes' log lines a user cannot act on ----------------------------------------------------------
@@ -287,10 +287,10 @@ def _scale_property(field: str):
         return buffer.view(dtype) if dtype.is_floating_point else buffer
 
     def set_(self, value):
-        if value is None and field != "CB":
-            self.__dict__[field] = None
-            return
         if field == "CB":  # int8: CB is the weight's data itself; a stale copy must never replace it
+            return
+        if value is None:
+            self.__dict__[field] = None
             return
         _store(self._dq_module, self._dq_prefix + field, value)
         self._dq_dtypes[field] = value.dtype
