@@ -368,8 +368,9 @@ def place_pipeline(pipe, plan: Plan) -> None:
         pipe.to(plan.device)
 
 
-def place_model(model: torch.nn.Module, plan: Plan, name: str) -> None:
-    """A model loaded on its own: the same modes, with accelerate's hooks where a pipeline would add them."""
+def place_model(model: torch.nn.Module, plan: Plan, name: str) -> DeviceMap | None:
+    """A model loaded on its own: the same modes, with accelerate's hooks where a pipeline would add them.
+    Returns the device map of a balanced placement (None for the other modes)."""
     if plan.offload in ("model", "sequential"):  # balanced and group make the model ready themselves
         offload_ready(model)
     if plan.offload == "model":
@@ -385,7 +386,8 @@ def place_model(model: torch.nn.Module, plan: Plan, name: str) -> None:
     elif plan.offload == "group":
         group_offload(model, plan)
     elif plan.offload == "balanced":
-        balance_model(model, plan, name)
+        return balance_model(model, plan, name)
+    return None
 
 
 # --- planning before any weight is read --------------------------------------------------------------------

@@ -120,3 +120,22 @@ def test_row_selection_and_machine_names():
     assert bench.machine_slug("cuda", "NVIDIA H100 80GB HBM3") == "nvidia-h100"
     assert bench.machine_slug("cuda", "NVIDIA A100-SXM4-80GB") == "nvidia-a100"
     assert bench.machine_slug("cpu", None).startswith("cpu-")
+
+
+def test_offload_benchmark_records_each_balanced_budget(tmp_path):
+    """The offload benchmark on the CPU (tiny model, one spec): both balanced budgets run, leave the share
+    they are named for on the CPU, match the resident output, and reach the table."""
+    script = REPO / "benchmarks" / "offload.py"
+    cmd = [sys.executable, str(script), "--device", "cpu", "--model", "tiny", "--specs", "nncf:int8_sym"]
+    cmd += ["--modes", "balanced half,balanced half on CPU"]
+    subprocess.run([*cmd, "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "offload.json").read_text())["rows"]}
+    half, half_on_cpu = rows["balanced half"], rows["balanced half on CPU"]
+    assert half["budget"] == pytest.approx(rows["resident"]["stored"] / 2, abs=1)
+    assert half_on_cpu["budget"] > half["budget"]
+    assert half["on_cpu"] > half_on_cpu["on_cpu"]
+    # about half (the tiny model has three blocks, so "about" is coarse)
+    assert 0.1 < half_on_cpu["on_cpu"] <= 0.6
+    assert half["err"] == half_on_cpu["err"] == 0.0
+    table = (tmp_path / "offload.md").read_text()
+    assert "| nncf:int8_sym | balanced half on CPU |" in table and (tmp_path / "offload.png").stat().st_size

@@ -207,11 +207,14 @@ def test_every_offload_mode_leaves_the_output_unchanged(quantized, mode, setting
     fresh = _quantized(spec)
     budget = offload.module_sizes(fresh)[""] / 2 / 2**30 if mode == "balanced" else None
     plan = Plan(offload=mode, device="cpu", gpu_memory=budget, **settings)
-    offload.place_model(fresh, plan, "transformer")
+    device_map = offload.place_model(fresh, plan, "transformer")
     for _ in range(2):  # the second call runs after the first one's offloads
         assert torch.equal(_run(fresh), expected)
     if mode == "balanced":
         assert set(fresh.hf_device_map.values()) == {"cuda:0", "cpu"}
+        assert sum(device_map.bytes_on.values()) == offload.module_sizes(fresh)[""]
+    else:
+        assert device_map is None
 
 
 @pytest.mark.parametrize(
