@@ -311,17 +311,28 @@ def cmd_inspect(args) -> int:
         return _inspect_gguf(path)
     if os.path.isdir(path):
         return _inspect_folder(path)
-    header = _safetensors_header(path)
-    if header is None:
+    from .detect import FORMATS, detect_file, read_safetensors_header
+
+    detected = detect_file(path)
+    if detected is None:
         raise QuantError(
             f"{path!r} is neither a GGUF nor a safetensors file (from its first bytes); inspect reads .gguf "
             "and .safetensors files and model folders"
         )
     from .backends import all_backends
 
-    print(f"safetensors: {len(header)} tensors, {os.path.getsize(path) / 2**20:.1f} MiB")
-    print("dtypes: " + _tally(header.values()))
-    found = {b.name: len(b.saved_layers(header)) for b in all_backends()}
+    header = read_safetensors_header(path)
+    print(f"safetensors: {len(header.tensors)} tensors, {os.path.getsize(path) / 2**20:.1f} MiB")
+    print("dtypes: " + _tally(info.dtype for info in header.tensors.values()))
+    if detected.format != "safetensors":
+        state = "loaded as it is" if detected.loadable else "not loadable here"
+        print(
+            f"format: {detected.format}: {FORMATS[detected.format]}; {detected.layers} quantized layers; {state}"
+        )
+        if detected.detail:
+            print(detected.detail)
+        return 0
+    found = {b.name: len(b.saved_layers(header.tensors)) for b in all_backends()}
     if any(found.values()):
         print("quantized layers: " + ", ".join(f"{k} x{v}" for k, v in sorted(found.items()) if v))
     else:
@@ -361,18 +372,6 @@ def _inspect_folder(path: str) -> int:
         )
     print(f"{path}: no pre-quantized format recognised (plain model folder)")
     return 0
-
-
-def _safetensors_header(path: str) -> dict[str, str] | None:
-    """Tensor name -> dtype from a safetensors file's header (safetensors' own parser; no tensor is read),
-    or None if the file is not one."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {key: f.get_slice(key).get_dtype() for key in f.keys()}
-    except Exception:  # safetensors' own error types: not a safetensors file
-        return None
 
 
 def _tally(values) -> str:

@@ -25,8 +25,9 @@ from contextlib import contextmanager
 import torch
 
 from .components import Component, kind_of_class
-from .detect import is_gguf_file
+from .detect import FORMATS, detect_file, is_gguf_file
 from .errors import PlanRefused, QuantError
+from .fp8_files import FP8_FORMATS, load_fp8_file
 from .loading import (
     ACTIVE_PIPELINE,
     Load,
@@ -115,9 +116,16 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
     _require_local_file(pretrained)
     active = ACTIVE_PIPELINE.get()
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
-    if is_gguf_file(pretrained):  # recognised from its bytes: loaded packed, whatever the plan says
+    # Pre-quantized files are recognised from their bytes and loaded as they are, whatever the plan says.
+    detected = detect_file(pretrained) if isinstance(pretrained, str) and os.path.isfile(pretrained) else None
+    if detected is not None and detected.format == "gguf":
         load = Load.create(cls, pretrained, kwargs, plan, active.report if active else None)
         return _place_alone(load_gguf(load, pretrained, kwargs, plan), plan)
+    if detected is not None and detected.format != "safetensors":
+        if not detected.loadable or detected.format not in FP8_FORMATS:
+            raise QuantError(f"{pretrained}: {FORMATS[detected.format]}: {detected.detail}")
+        load = Load.create(cls, pretrained, kwargs, plan, active.report if active else None)
+        return _place_alone(load_fp8_file(load, pretrained, kwargs, detected, plan), plan)
     _refuse_on_load_for_single_files(plan)
     # Single files always go through the library's converter, then get quantized module by module.
     post_load = plan and plan.with_settings(mode="post-load")

@@ -137,7 +137,8 @@ class QuantoBackend(Backend):
         from ..spec import Spec
 
         name = module.weight.qtype.name
-        return Spec.create(self.name, "qfloat8" if name == "qfloat8_e4m3fn" else name)
+        # float8 of either kind re-quantizes (on a LoRA fuse) to quanto's qfloat8 (e4m3)
+        return Spec.create(self.name, "qfloat8" if name.startswith("qfloat8") else name)
 
 
 def _library_weights(qtype_name: str) -> str | None:
@@ -155,6 +156,8 @@ def _saved_qtype(tensors: dict[str, torch.Tensor]) -> str:
         ratio = groups / rows
         return "qint2" if ratio > 2.5 else "qint4"
     data = tensors["weight._data"]
+    if data.dtype == torch.float8_e5m2:
+        return "qfloat8_e5m2"
     return "qfloat8" if data.dtype.is_floating_point else "qint8"
 
 

@@ -1,0 +1,302 @@
+"""fp8 single files (plain, ComfyUI scaled fp8, ComfyUI mixed fp8) loaded as they are: fp8 in memory.
+
+Plain diffusers upcasts an fp8 file to ``torch_dtype`` at load, which throws the saving away. Here each
+Linear whose weight the file stores in float8 becomes quanto's ``QLinear`` with a float8 weight: the file's
+bytes unchanged, the file's scale (1 for plain fp8) as quanto's per-row scale, upcast per layer in the
+forward. The model then carries quanto's quantizer and config like any quanto model (save, LoRA,
+dequantize). float8 tensors that are not a Linear's weight are dequantized to the load dtype.
+
+Files in the original layout (``double_blocks.0.img_attn.qkv...``) go through diffusers' own converter for
+the model class. The converter splits and renames tensors but knows nothing of the scales, so it runs on
+the fp8 bytes viewed as uint8 under a torch function mode that carries each tensor's per-row scales through
+every split, cat and view. An op that would compute on the bytes (the converter doing arithmetic on a
+weight) is refused: the result would be silently wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .components import Component, count_linears, fp32_modules
+from .detect import COMFY_LAYER_MARKER, COMFY_SCALED_MARKER, FORMATS, Detected
+from .errors import QuantError
+from .rules import enforce
+from .spec import Plan, Spec
+
+FP8_FORMATS = ("fp8", "comfy-scaled-fp8", "comfy-quant")
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# per-layer scale names: ComfyUI's legacy scaled fp8, then its mixed quantization
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+# activation scales serve fp8 matmuls of the activations; a weight upcast per layer has no use for them
+_DROPPED_SUFFIXES = (".scale_input", ".input_scale", COMFY_LAYER_MARKER)
+SPEC = Spec("quanto", "qfloat8")
+
+
+class NotRearranged(QuantError):
+    """The converter computed on an fp8 weight instead of moving it."""
+
+
+def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan | None) -> torch.nn.Module:
+    """``load.cls`` from the fp8 single file at ``path`` (``detected`` by its header), weights kept fp8."""
+    if not detected.loadable:
+        raise QuantError(f"{path}: {FORMATS[detected.format]}: {detected.detail}")
+    plan = plan or Plan()
+    enforce(
+        Plan(entries=((load.name, SPEC),), offload=plan.offload, device=plan.device),
+        [Component(load.name, load.kind, load.cls.__name__)],
+    )
+    from .backends import get_backend
+
+    quanto = get_backend("quanto")
+    quanto.require()
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(path)
+    sources, tags = _sources(checkpoint, path)
+    config = _model_config(load.cls, checkpoint, kwargs, path)
+    with init_empty_weights():
+        model = load.cls.from_config(config)
+    converted = _convert(load.cls, model, config, sources, tags, kwargs, path)
+
+    dtype = load.dtype or torch.float32
+    keep = fp32_modules(model, dtype)
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    bytes_before = _nbytes_at(model, dtype)
+    fp8_layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for key, value in converted.items():
+        tag = tags.get(id(value))
+        target = torch.float32 if keep.intersection(key.split(".")) else dtype
+        if tag is None or tag[0] is not value:
+            plain[key] = value.to(target) if value.is_floating_point() else value
+            continue
+        _, rows, fp8 = tag
+        data = value.view(fp8)
+        layer = key.removesuffix(".weight")
+        if (
+            key.endswith(".weight")
+            and layer in linears
+            and data.dim() == 2
+            and not keep.intersection(key.split("."))
+        ):
+            fp8_layers[layer] = (data, rows)
+        else:  # a float8 tensor that is no Linear's weight: dequantized, as the file's scale says
+            plain[key] = (data.float() * rows.view(-1, *[1] * (data.dim() - 1))).to(target)
+    result = model.load_state_dict(plain, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k.removesuffix(".weight") not in fp8_layers]
+    if missing:
+        raise QuantError(
+            f"{path}: the file has no weights for {len(missing)} of {load.cls.__name__}'s tensors "
+            f"(e.g. {', '.join(missing[:3])}); fix: give the config of the model this file holds (config=)"
+        )
+    for layer, (data, rows) in fp8_layers.items():
+        linear = model.get_submodule(layer)
+        # quanto's activation scales stay at 1: the weight is upcast per layer, activations are not quantized
+        tensors = {
+            "weight._data": data,
+            "weight._scale": rows.view(-1, 1),
+            # two tensors, not one shared: saving refuses shared memory
+            "input_scale": torch.ones((), dtype=dtype),
+            "output_scale": torch.ones((), dtype=dtype),
+        }
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias.data
+        built = quanto.layer_from_state(
+            tensors,
+            {"in_features": linear.in_features, "out_features": linear.out_features},
+            dtype,
+            dtype,
+            "cpu",
+        )
+        parent, _, attr = layer.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, built)
+    model.to(load.device).eval()
+    load.folder = None
+    return load.record(model, SPEC, "pre-quantized", bytes_before, len(fp8_layers), count_linears(model))
+
+
+def _sources(checkpoint: dict[str, torch.Tensor], path: str):
+    """The checkpoint without its scale and marker tensors, each float8 tensor as a uint8 view tagged
+    with its per-row scales (float32) and its float8 dtype."""
+    scales = {}
+    for key, value in checkpoint.items():
+        suffix = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            scales[key[: -len(suffix)] + ".weight"] = value
+    sources, tags = {}, {}
+    for key, value in checkpoint.items():
+        if key.endswith(_SCALE_SUFFIXES + _DROPPED_SUFFIXES) or key.rpartition(".")[2] == COMFY_SCALED_MARKER:
+            continue
+        if value.dtype in _FLOAT8:
+            view = value.view(torch.uint8)
+            rows = _rows(scales.get(key), value.shape[0] if value.dim() else 1, key, path)
+            tags[id(view)] = (view, rows, value.dtype)
+            value = view
+        sources[key] = value
+    return sources, tags
+
+
+def _rows(scale: torch.Tensor | None, n: int, key: str, path: str) -> torch.Tensor:
+    if scale is None:
+        return torch.ones(n)
+    scale = scale.float().flatten()
+    if scale.numel() == 1:
+        return scale.expand(n).clone()
+    if scale.numel() == n:
+        return scale.clone()
+    raise QuantError(f"{path}: the scale of {key} has {scale.numel()} values for {n} rows")
+
+
+def _model_config(cls: type, checkpoint: dict, kwargs: dict, path: str) -> dict:
+    """The diffusers config, as ``from_single_file`` finds it: ``config=`` (a folder or repo), else
+    inferred from the checkpoint's keys (a repo id, which needs the hub or its cache)."""
+    config, subfolder = kwargs.get("config"), kwargs.get("subfolder")
+    if config is None:
+        from diffusers.loaders.single_file_utils import fetch_diffusers_config
+
+        inferred = fetch_diffusers_config(checkpoint)
+        config, subfolder = inferred["pretrained_model_name_or_path"], subfolder or inferred.get("subfolder")
+    try:
+        return cls.load_config(config, subfolder=subfolder, local_files_only=kwargs.get("local_files_only"))
+    except (OSError, ValueError) as e:
+        raise QuantError(
+            f"{path}: no config for {cls.__name__} ({config!r}: {str(e).splitlines()[0][:200]}); fix: pass "
+            "config=<a local folder with this model's config.json>"
+        ) from None
+
+
+def _convert(cls, model, config, sources: dict, tags: dict, kwargs: dict, path: str) -> dict:
+    """The checkpoint in diffusers' keys: as it is when it already has them, else through diffusers'
+    converter for ``cls`` with the scales carried along."""
+    from diffusers.loaders.single_file_model import (
+        SINGLE_FILE_LOADABLE_CLASSES,
+        _get_mapping_function_kwargs,
+        _get_single_file_loadable_mapping_class,
+        _should_convert_state_dict_to_diffusers,
+    )
+
+    if not _should_convert_state_dict_to_diffusers(model.state_dict(), sources):
+        return sources
+    mapping = _get_single_file_loadable_mapping_class(cls)
+    if mapping is None:
+        raise QuantError(f"{path}: diffusers has no single-file converter for {cls.__name__}")
+    convert = SINGLE_FILE_LOADABLE_CLASSES[mapping]["checkpoint_mapping_fn"]
+    with _CarryScales(tags):
+        try:
+            return convert(
+                config=config, checkpoint=dict(sources), **_get_mapping_function_kwargs(convert, **kwargs)
+            )
+        except NotRearranged as e:
+            raise QuantError(
+                f"{path}: diffusers' {cls.__name__} converter computes on the weights ({e}), so they cannot "
+                "stay fp8; fix: load the file with plain diffusers (hooks off: upcast at load), or convert it "
+                "to diffusers' layout first"
+            ) from None
+
+
+def _nbytes_at(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        t.numel() * (size if t.is_floating_point() else t.element_size()) for t in model.state_dict().values()
+    )
+
+
+# Ops that only move bytes. The value says how the per-row scales follow: "split" (rows split like dim 0),
+# "cat" (rows concatenated along dim 0), "same" (dim 0 kept when its size is), "index" (rows indexed like
+# dim 0), "turn" (dim 0 may move: only for scales equal on every row).
+_MOVES = {
+    "chunk": "split",
+    "split": "split",
+    "tensor_split": "split",
+    "split_with_sizes": "split",
+    "cat": "cat",
+    "concat": "cat",
+    "concatenate": "cat",
+    "__getitem__": "index",
+    "narrow": "same",
+    "contiguous": "same",
+    "clone": "same",
+    "detach": "same",
+    "view": "same",
+    "reshape": "same",
+    "flatten": "same",
+    "squeeze": "same",
+    "unsqueeze": "same",
+    "cpu": "same",
+    "to": "same",
+    "t": "turn",
+    "transpose": "turn",
+    "permute": "turn",
+}
+
+
+class _CarryScales(TorchFunctionMode):
+    """Carry each tagged tensor's per-row scales through the ops a converter runs on it; refuse any other op."""
+
+    def __init__(self, tags: dict):
+        super().__init__()
+        self.tags = tags  # id(tensor) -> (tensor, rows, float8 dtype); holding the tensor keeps its id unique
+
+    def _tag(self, t):
+        entry = self.tags.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry if entry is not None and entry[0] is t else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = list(args[0]) if args and isinstance(args[0], (list, tuple)) else list(args[:1])
+        tagged = [self._tag(t) for t in inputs]
+        if not any(tagged) or not _holds_tensors(out):
+            return out  # untouched tensors, or metadata (shape, dtype, size)
+        name = getattr(func, "__name__", str(func))
+        how = _MOVES.get(name)
+        if how is None or (name == "to" and isinstance(out, torch.Tensor) and out.dtype != torch.uint8):
+            raise NotRearranged(f"{name} on a float8 weight")
+        if any(t is None for t in tagged) or len({t[2] for t in tagged}) > 1:
+            raise NotRearranged(f"{name} joins a float8 weight with other tensors")
+        rows, fp8 = tagged[0][1], tagged[0][2]
+        dim = _dim_arg(name, args, kwargs)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        if how == "split" and dim == 0:
+            pieces = func(rows, *args[1:2], dim=0)
+        elif how == "cat" and dim == 0:
+            pieces = [torch.cat([t[1] for t in tagged])]
+        elif how == "index":
+            pieces = [_index_rows(rows, args[1], name)]
+        else:
+            if how == "turn" and not torch.all(rows == rows[0]):
+                raise NotRearranged(f"{name} moves the rows of a weight with per-row scales")
+            if how == "cat" and any(not torch.equal(t[1], rows) for t in tagged):
+                raise NotRearranged("cat along a later dim of weights with different scales")
+            pieces = [rows] * len(outs)
+        for o, piece in zip(outs, pieces, strict=True):
+            n = o.shape[0] if o.dim() else 1
+            if piece.numel() != n:  # dim 0 changed size (a reshape or transpose)
+                if not torch.all(rows == rows[0]):
+                    raise NotRearranged(f"{name} moves rows of a weight with per-row scales")
+                piece = rows[:1].expand(n).clone()
+            self.tags[id(o)] = (o, piece, fp8)
+        return out
+
+
+def _holds_tensors(out) -> bool:
+    if isinstance(out, torch.Tensor):
+        return True
+    return isinstance(out, (list, tuple)) and bool(out) and all(isinstance(o, torch.Tensor) for o in out)
+
+
+def _dim_arg(name: str, args: tuple, kwargs: dict) -> int:
+    if "dim" in kwargs:
+        return kwargs["dim"]
+    position = {"chunk": 2, "split": 2, "tensor_split": 2, "split_with_sizes": 2, "cat": 1, "concat": 1}
+    index = position.get(name)
+    return args[index] if index is not None and len(args) > index else 0
+
+
+def _index_rows(rows: torch.Tensor, index, name: str) -> torch.Tensor:
+    first = index[0] if isinstance(index, tuple) and index else index
+    if isinstance(first, slice) or first is Ellipsis:
+        return rows if first is Ellipsis else rows[first]
+    raise NotRearranged(f"{name} with index {index!r}")

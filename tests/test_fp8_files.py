@@ -1,0 +1,272 @@
+"""fp8 single files as users download them: plain fp8, ComfyUI scaled fp8 and ComfyUI mixed fp8, in Flux's
+original key layout (so diffusers' converter runs), detected from their headers and loaded fp8 in memory.
+
+diffusers' Flux converter fixes the width at 3072, so the test model is one double and one single block at
+Flux's real width (about 480 M parameters, 0.5 GB as fp8), with random weights written straight to the file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusers_quant
+from diffusers_quant.cli import main
+from diffusers_quant.detect import detect_file
+from diffusers_quant.errors import QuantError
+from diffusers_quant.fp8_files import _CarryScales, _sources
+
+H, MLP, HEAD = 3072, 4 * 3072, 128
+CONFIG = dict(
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=HEAD,
+    num_attention_heads=H // HEAD,
+    joint_attention_dim=64,
+    pooled_projection_dim=64,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+def _original_shapes() -> dict[str, tuple[int, ...]]:
+    """Flux's original (BFL) keys for CONFIG, as diffusers' converter reads them."""
+    shapes = {
+        "img_in": (H, 64),
+        "txt_in": (H, 64),
+        "time_in.in_layer": (H, 256),
+        "time_in.out_layer": (H, H),
+        "vector_in.in_layer": (H, 64),
+        "vector_in.out_layer": (H, H),
+        "double_blocks.0.img_mod.lin": (6 * H, H),
+        "double_blocks.0.txt_mod.lin": (6 * H, H),
+        "double_blocks.0.img_attn.qkv": (3 * H, H),
+        "double_blocks.0.txt_attn.qkv": (3 * H, H),
+        "double_blocks.0.img_attn.proj": (H, H),
+        "double_blocks.0.txt_attn.proj": (H, H),
+        "double_blocks.0.img_mlp.0": (MLP, H),
+        "double_blocks.0.img_mlp.2": (H, MLP),
+        "double_blocks.0.txt_mlp.0": (MLP, H),
+        "double_blocks.0.txt_mlp.2": (H, MLP),
+        "single_blocks.0.modulation.lin": (3 * H, H),
+        "single_blocks.0.linear1": (3 * H + MLP, H),
+        "single_blocks.0.linear2": (H, H + MLP),
+        "final_layer.linear": (64, H),
+        "final_layer.adaLN_modulation.1": (2 * H, H),
+    }
+    out = {}
+    for layer, (rows, cols) in shapes.items():
+        out[f"{layer}.weight"] = (rows, cols)
+        out[f"{layer}.bias"] = (rows,)
+    for norm in ("double_blocks.0.img_attn", "double_blocks.0.txt_attn", "single_blocks.0"):
+        for which in ("query_norm", "key_norm"):
+            out[f"{norm}.norm.{which}.scale"] = (HEAD,)
+    return out
+
+
+def _write(folder, layout: str) -> dict:
+    """A checkpoint in ``layout`` ("fp8", "comfy-scaled-fp8", "comfy-quant") and the bf16 file plain
+    diffusers would make of it (each weight dequantized as ComfyUI does: fp8 x scale, then bf16)."""
+    gen = torch.Generator().manual_seed(0)
+    fp8, reference, marker = {}, {}, {}
+    for key, shape in _original_shapes().items():
+        if len(shape) == 2:
+            w = torch.randn(shape, generator=gen) * 0.02
+            scale = w.abs().max() / 448 if layout != "fp8" else torch.tensor(1.0)
+            q = (w / scale).to(torch.float8_e4m3fn)
+            fp8[key] = q
+            reference[key] = (q.float() * scale).to(torch.bfloat16)
+            layer = key.removesuffix(".weight")
+            if layout == "comfy-scaled-fp8":
+                fp8[f"{layer}.scale_weight"] = scale.reshape(())
+                fp8[f"{layer}.scale_input"] = torch.tensor(1.0)
+            elif layout == "comfy-quant":
+                fp8[f"{layer}.weight_scale"] = scale.reshape(())
+                marker[layer] = {"format": "float8_e4m3fn"}
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            if key.endswith(".scale"):
+                t = t + 1
+            fp8[key], reference[key] = t, t
+    metadata = None
+    if layout == "comfy-scaled-fp8":
+        fp8["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    elif layout == "comfy-quant":
+        metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": marker})}
+    # a name that says nothing true about the content: detection reads the header only
+    path = folder / f"{layout}-named-bf16.safetensors"
+    save_file(fp8, str(path), metadata=metadata)
+    ref_path = folder / "reference-bf16.safetensors"
+    save_file(reference, str(ref_path))
+    return dict(path=path, reference=ref_path)
+
+
+@pytest.fixture(scope="module")
+def config_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flux3072")
+    (folder / "config.json").write_text(
+        json.dumps({"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1", **CONFIG})
+    )
+    return folder
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(1, 16, 64, generator=gen).to(torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, 8, 64, generator=gen).to(torch.bfloat16),
+        pooled_projections=torch.randn(1, 64, generator=gen).to(torch.bfloat16),
+        timestep=torch.tensor([0.5], dtype=torch.bfloat16),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(8, 3),
+        return_dict=False,
+    )
+
+
+def _run(model):
+    with torch.no_grad():
+        return model(**_inputs())[0].float()
+
+
+@pytest.fixture(scope="module", params=["fp8", "comfy-scaled-fp8", "comfy-quant"])
+def loaded(request, tmp_path_factory, config_folder):
+    from diffusers import FluxTransformer2DModel
+
+    files = _write(tmp_path_factory.mktemp(request.param), request.param)
+    diffusers_quant.uninstall()
+    plain = FluxTransformer2DModel.from_single_file(
+        str(files["reference"]), config=str(config_folder), dtype=torch.bfloat16
+    )
+    expected = _run(plain)
+    del plain
+    diffusers_quant.install()  # no plan: the file's own format decides
+    try:
+        ours = FluxTransformer2DModel.from_single_file(
+            str(files["path"]), config=str(config_folder), dtype=torch.bfloat16
+        )
+    finally:
+        diffusers_quant.uninstall()
+    return request.param, files, ours, expected
+
+
+def test_the_header_names_the_layout_whatever_the_file_is_called(loaded):
+    layout, files, _, _ = loaded
+    found = detect_file(files["path"])
+    assert found.format == layout and found.loadable
+    assert detect_file(files["reference"]).format == "safetensors"
+
+
+def test_fp8_layers_keep_the_files_bytes_and_scales(loaded):
+    layout, files, model, _ = loaded
+    from optimum.quanto import QLinear
+
+    raw = load_file(str(files["path"]))
+    qkv = raw["double_blocks.0.img_attn.qkv.weight"]
+    q = model.transformer_blocks[0].attn.to_q
+    assert isinstance(q, QLinear) and q.weight._data.dtype == torch.float8_e4m3fn
+    # the converter split qkv into q, k, v: q is its first third, byte for byte
+    assert torch.equal(q.weight._data.view(torch.uint8), qkv[:H].view(torch.uint8))
+    scale_key = {"comfy-scaled-fp8": ".scale_weight", "comfy-quant": ".weight_scale"}.get(layout)
+    scale = raw[f"double_blocks.0.img_attn.qkv{scale_key}"] if scale_key else torch.tensor(1.0)
+    assert torch.equal(q.weight._scale.float().flatten(), scale.to(torch.bfloat16).float().expand(H))
+    # single block: linear1 split four ways, the MLP part too
+    mlp = model.single_transformer_blocks[0].proj_mlp
+    assert torch.equal(
+        mlp.weight._data.view(torch.uint8), raw["single_blocks.0.linear1.weight"][3 * H :].view(torch.uint8)
+    )
+    fp8_layers = sum(isinstance(m, QLinear) for m in model.modules())
+    # 21 fp8 Linears in the file; the converter splits the two qkv three ways and linear1 four ways
+    assert fp8_layers == model.quant_report.components[0].layers_quantized == 21 + 2 + 2 + 3
+    assert model.quant_report.components[0].spec == "quanto:qfloat8"
+
+
+def test_the_output_matches_plain_diffusers_on_the_dequantized_file(loaded):
+    layout, _, model, expected = loaded
+    out = _run(model)
+    err = float((out - expected).norm() / expected.norm())
+    # quanto adds the bias after a bf16 matmul (F.linear adds it inside): two roundings per layer
+    assert err < 2e-2, err
+
+
+def test_the_weights_equal_the_dequantized_file(loaded):
+    layout, files, model, _ = loaded
+    reference = load_file(str(files["reference"]))["double_blocks.0.img_attn.qkv.weight"][:H].float()
+    ours = model.transformer_blocks[0].attn.to_q.weight.dequantize().float()
+    if layout == "fp8":
+        assert torch.equal(ours, reference)  # no scale: the file's values exactly
+    else:  # the scale is held in bf16 (quanto's scale dtype): off by its rounding, < 2**-8
+        assert float(((ours - reference).abs() / reference.abs().clamp_min(1e-12)).max()) < 2**-7
+
+
+def test_fp8_in_memory_is_half_the_bf16_model(loaded):
+    _, _, model, _ = loaded
+    row = model.quant_report.components[0]
+    assert row.bytes_after < 0.55 * row.bytes_before
+
+
+def test_a_loaded_fp8_file_saves_and_reloads_as_a_quanto_model(loaded, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    layout, _, model, _ = loaded
+    if layout != "comfy-scaled-fp8":
+        pytest.skip("one layout is enough for the save round trip")
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "quanto"
+    diffusers_quant.install()
+    again = FluxTransformer2DModel.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    assert torch.equal(_run(again), _run(model))
+
+
+def test_inspect_names_the_layout(loaded, capsys):
+    layout, files, _, _ = loaded
+    assert main(["inspect", str(files["path"])]) == 0
+    assert layout in capsys.readouterr().out
+
+
+def test_an_unsupported_comfy_format_is_refused_before_any_weight_is_read(tmp_path, config_folder):
+    from diffusers import FluxTransformer2DModel
+
+    path = tmp_path / "nvfp4.safetensors"
+    marker = {"double_blocks.0.img_attn.qkv": {"format": "nvfp4"}}
+    save_file(
+        {"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4, dtype=torch.uint8)},
+        str(path),
+        metadata={"_quantization_metadata": json.dumps({"layers": marker})},
+    )
+    before = path.read_bytes()
+    diffusers_quant.install()
+    with pytest.raises(QuantError, match=r"ComfyUI mixed .*nvfp4 .*fix: "):
+        FluxTransformer2DModel.from_single_file(str(path), config=str(config_folder))
+    assert path.read_bytes() == before
+
+
+def test_a_converter_that_computes_on_a_weight_is_refused():
+    w = torch.ones(4, 4, dtype=torch.float8_e4m3fn)
+    sources, tags = _sources({"a.weight": w, "a.scale_weight": torch.tensor(0.5)}, "f")
+    assert set(sources) == {"a.weight"}
+    with pytest.raises(QuantError, match="mul on a float8 weight"), _CarryScales(tags):
+        sources["a.weight"] * 2
+
+
+def test_scales_follow_splits_and_cats():
+    a = torch.ones(4, 2, dtype=torch.float8_e4m3fn)
+    b = torch.ones(2, 2, dtype=torch.float8_e4m3fn)
+    sources, tags = _sources(
+        {
+            "a.weight": a,
+            "a.scale_weight": torch.tensor(2.0),
+            "b.weight": b,
+            "b.weight_scale": torch.tensor(3.0),
+        },
+        "f",
+    )
+    with _CarryScales(tags):
+        first, second = torch.chunk(sources["a.weight"], 2, dim=0)
+        joined = torch.cat([second, sources["b.weight"]], dim=0)
+    assert torch.equal(tags[id(first)][1], torch.tensor([2.0, 2.0]))
+    assert torch.equal(tags[id(joined)][1], torch.tensor([2.0, 2.0, 3.0, 3.0]))
