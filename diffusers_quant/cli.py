@@ -221,8 +221,10 @@ def cmd_quantize(args) -> int:
     from .rules import enforce
     from .spec import Plan, Spec, normalize_dtype
 
-    spec = Spec.parse(args.quant)
     dtype = getattr(torch, normalize_dtype(args.dtype or "bfloat16"))
+    if args.quant.strip().lower() == "fp8":
+        return _write_fp8(args, dtype)
+    spec = Spec.parse(args.quant)
     out = Path(args.out)
     _refuse_out(spec, out)
     if not os.path.exists(args.model):
@@ -247,6 +249,30 @@ def cmd_quantize(args) -> int:
 
 
 _FILE_SUFFIXES = (".gguf", ".safetensors")
+
+
+def _write_fp8(args, dtype) -> int:
+    """--quant fp8: one ComfyUI scaled fp8 file, in the model's original key layout."""
+    from .fp8_files import _ORIGINAL_LAYOUTS, write_scaled_fp8
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".safetensors" or out.is_dir():
+        raise QuantError(
+            f"--out {str(out)!r}: --quant fp8 writes one safetensors file; fix: e.g. --out "
+            f"{out.with_suffix('').name}-fp8.safetensors"
+        )
+    if not os.path.exists(args.model):
+        raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
+    folder, _ = _component_folder(args.model, args.component)
+    cls = _model_class(folder)
+    if cls.__name__ not in _ORIGINAL_LAYOUTS:
+        raise QuantError(
+            f"--quant fp8 writes ComfyUI's scaled fp8 layout, known here for {', '.join(_ORIGINAL_LAYOUTS)} "
+            f"(not {cls.__name__}); fix: --quant quanto:qfloat8 (a folder) or a gguf:<type> file"
+        )
+    tally = write_scaled_fp8(cls.from_pretrained(folder, dtype=dtype), str(out))
+    print(f"wrote {out} (ComfyUI scaled fp8): " + ", ".join(f"{k} x{v}" for k, v in sorted(tally.items())))
+    return 0
 
 
 def _refuse_out(spec, out: Path) -> None:
@@ -443,8 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     qnt = sub.add_parser("quantize", help="quantize a component and write it (.gguf, or a saved folder)")
     qnt.add_argument("model", help="pipeline folder or model folder")
-    qnt.add_argument("--quant", required=True, help="one spec, e.g. gguf:q8_0 or nncf:int8")
-    qnt.add_argument("--out", required=True, help="file.gguf for gguf specs, else a new folder")
+    qnt.add_argument(
+        "--quant", required=True, help="one spec, e.g. gguf:q8_0 or nncf:int8; fp8: a ComfyUI scaled fp8 file"
+    )
+    qnt.add_argument(
+        "--out", required=True, help="file.gguf for gguf specs, file.safetensors for fp8, else a new folder"
+    )
     qnt.add_argument(
         "--component", help="which component of a pipeline folder (default: transformer or unet)"
     )

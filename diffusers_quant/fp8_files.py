@@ -300,3 +300,126 @@ def _index_rows(rows: torch.Tensor, index, name: str) -> torch.Tensor:
     if isinstance(first, slice) or first is Ellipsis:
         return rows if first is Ellipsis else rows[first]
     raise NotRearranged(f"{name} with index {index!r}")
+
+
+# --- writing ComfyUI's scaled fp8 single files ---------------------------------------------------------------
+
+FP8_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+def _flux_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FluxTransformer2DModel state dict in Flux's original (BFL) keys: the inverse of diffusers'
+    ``convert_flux_transformer_checkpoint_to_diffusers`` (which ComfyUI and diffusers both read)."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return sd[key]
+
+    def both(src: str, dst: str) -> None:  # a Linear's weight and bias
+        for part in ("weight", "bias"):
+            if f"{src}.{part}" in sd:
+                out[f"{dst}.{part}"] = take(f"{src}.{part}")
+
+    def fused(srcs: list[str], dst: str) -> None:
+        for part in ("weight", "bias"):
+            out[f"{dst}.{part}"] = torch.cat([take(f"{s}.{part}") for s in srcs])
+
+    for src, dst in [
+        ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+        ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+        ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+        ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+        ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+        ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+        ("context_embedder", "txt_in"),
+        ("x_embedder", "img_in"),
+        ("proj_out", "final_layer.linear"),
+    ]:
+        both(src, dst)
+    for part in ("weight", "bias"):  # diffusers keeps (scale, shift); the original (shift, scale)
+        scale, shift = take(f"norm_out.linear.{part}").chunk(2, dim=0)
+        out[f"final_layer.adaLN_modulation.1.{part}"] = torch.cat([shift, scale])
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}
+    for i in sorted(blocks):
+        d, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        both(f"{d}.norm1.linear", f"{o}.img_mod.lin")
+        both(f"{d}.norm1_context.linear", f"{o}.txt_mod.lin")
+        fused([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], f"{o}.img_attn.qkv")
+        fused([f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"], f"{o}.txt_attn.qkv")
+        for src, dst in [
+            ("attn.norm_q", "img_attn.norm.query_norm"),
+            ("attn.norm_k", "img_attn.norm.key_norm"),
+            ("attn.norm_added_q", "txt_attn.norm.query_norm"),
+            ("attn.norm_added_k", "txt_attn.norm.key_norm"),
+        ]:
+            out[f"{o}.{dst}.scale"] = take(f"{d}.{src}.weight")
+        both(f"{d}.ff.net.0.proj", f"{o}.img_mlp.0")
+        both(f"{d}.ff.net.2", f"{o}.img_mlp.2")
+        both(f"{d}.ff_context.net.0.proj", f"{o}.txt_mlp.0")
+        both(f"{d}.ff_context.net.2", f"{o}.txt_mlp.2")
+        both(f"{d}.attn.to_out.0", f"{o}.img_attn.proj")
+        both(f"{d}.attn.to_add_out", f"{o}.txt_attn.proj")
+    singles = {int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}
+    for i in sorted(singles):
+        d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        both(f"{d}.norm.linear", f"{o}.modulation.lin")
+        fused([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"], f"{o}.linear1")
+        out[f"{o}.norm.query_norm.scale"] = take(f"{d}.attn.norm_q.weight")
+        out[f"{o}.norm.key_norm.scale"] = take(f"{d}.attn.norm_k.weight")
+        both(f"{d}.proj_out", f"{o}.linear2")
+    left = sorted(set(sd) - used)
+    if left:
+        raise QuantError(f"the Flux key map does not cover {len(left)} tensors (e.g. {', '.join(left[:3])})")
+    return out
+
+
+_ORIGINAL_LAYOUTS = {"FluxTransformer2DModel": _flux_to_original}
+
+
+def write_scaled_fp8(model: torch.nn.Module, path: str) -> dict[str, int]:
+    """Write ``model`` as a ComfyUI scaled fp8 file in its original key layout: each 2-D weight inside the
+    transformer blocks as float8_e4m3fn with a float32 ``.scale_weight`` (its absmax / 448), the rest in
+    the model's dtype, and the ``scaled_fp8`` marker. Written to a temporary name, then renamed. Returns
+    a tally of the dtypes written."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .files import normal_mode
+
+    to_original = _ORIGINAL_LAYOUTS.get(type(model).__name__)
+    if to_original is None:
+        raise QuantError(
+            f"--quant fp8 writes ComfyUI's scaled fp8 layout, known here for {', '.join(_ORIGINAL_LAYOUTS)} "
+            f"(not {type(model).__name__}); fix: --quant quanto:qfloat8 (a folder) or a gguf:<type> file"
+        )
+    original = to_original({k: v.detach() for k, v in model.state_dict().items()})
+    tensors: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, value in original.items():
+        in_block = key.startswith(("double_blocks.", "single_blocks."))
+        if in_block and key.endswith(".weight") and value.dim() == 2:
+            w = value.float()
+            scale = (w.abs().max() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+            tensors[key] = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            tensors[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(())
+        else:
+            tensors[key] = value.contiguous()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.chmod(tmp, normal_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    tally: dict[str, int] = {}
+    for t in tensors.values():
+        tally[str(t.dtype).removeprefix("torch.")] = tally.get(str(t.dtype).removeprefix("torch."), 0) + 1
+    return tally

@@ -270,3 +270,53 @@ def test_scales_follow_splits_and_cats():
         joined = torch.cat([second, sources["b.weight"]], dim=0)
     assert torch.equal(tags[id(first)][1], torch.tensor([2.0, 2.0]))
     assert torch.equal(tags[id(joined)][1], torch.tensor([2.0, 2.0, 3.0, 3.0]))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, config_folder):
+    """A bf16 model at CONFIG, and the ComfyUI scaled fp8 file this package writes of it."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_quant.fp8_files import write_scaled_fp8
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel.from_config(CONFIG).to(torch.bfloat16)
+    path = tmp_path_factory.mktemp("written") / "flux-fp8.safetensors"
+    tally = write_scaled_fp8(model, str(path))
+    return model, path, tally
+
+
+def test_the_written_file_is_comfyuis_scaled_fp8_layout(written):
+    _, path, tally = written
+    raw = load_file(str(path))
+    assert "scaled_fp8" in raw and raw["double_blocks.0.img_attn.qkv.weight"].dtype == torch.float8_e4m3fn
+    assert raw["double_blocks.0.img_attn.qkv.scale_weight"].dtype == torch.float32
+    assert raw["img_in.weight"].dtype == torch.bfloat16  # outside the blocks: kept as it was
+    assert detect_file(path).format == "comfy-scaled-fp8"
+    assert tally["float8_e4m3fn"] == 1 + 10 + 3  # the marker, the double and the single block's 2-D weights
+
+
+def test_the_written_file_reloads_with_its_bytes_and_close_to_the_model(written, config_folder):
+    from diffusers import FluxTransformer2DModel
+
+    model, path, _ = written
+    diffusers_quant.install()
+    loaded = FluxTransformer2DModel.from_single_file(
+        str(path), config=str(config_folder), dtype=torch.bfloat16
+    )
+    raw = load_file(str(path))
+    linear1 = raw["single_blocks.0.linear1.weight"]
+    pieces = [loaded.single_transformer_blocks[0].attn.to_q, loaded.single_transformer_blocks[0].proj_mlp]
+    assert torch.equal(pieces[0].weight._data.view(torch.uint8), linear1[:H].view(torch.uint8))
+    assert torch.equal(pieces[1].weight._data.view(torch.uint8), linear1[3 * H :].view(torch.uint8))
+    expected, out = _run(model), _run(loaded)
+    err = float((out - expected).norm() / expected.norm())
+    assert err < 0.1, err  # per-tensor fp8 quantization of random weights
+
+
+def test_quantize_fp8_refuses_what_it_cannot_write(tmp_path, flux_path, sd_path, capsys):
+    assert main(["quantize", str(flux_path), "--quant", "fp8", "--out", str(tmp_path / "x.gguf")]) != 0
+    assert "writes one safetensors file; fix: e.g. --out x-fp8.safetensors" in capsys.readouterr().err
+    assert main(["quantize", str(sd_path), "--quant", "fp8", "--out", str(tmp_path / "u.safetensors")]) != 0
+    assert "not UNet2DConditionModel); fix: --quant quanto:qfloat8" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
