@@ -81,11 +81,16 @@ def _config_json(folder: Path) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise QuantError(
-            f"{path}: not a readable JSON config ({exc}); fix: re-save or re-download it"
+            f"{path}: not a readable JSON config ({type(exc).__name__}: {str(exc)[:200]}); fix: re-save or "
+            "re-download it"
         ) from None
-    return config if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise QuantError(
+            f"{path}: damaged config (a JSON {type(config).__name__}, not an object); fix: re-save it"
+        )
+    return config
 
 
 def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> SavedComponent | None:
@@ -115,6 +120,7 @@ def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> 
             raise QuantError(
                 f"{folder}/config.json: its diffusers_quant layer map is missing; fix: save it again"
             )
+        _check_layer_map(folder, layers)
     else:
         from .backends import get_backend
 
@@ -123,6 +129,20 @@ def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> 
             name: {"backend": backend, "config": None} for name in get_backend(backend).saved_layers(keys)
         }
     return SavedComponent(folder, method, files, layers, keys)
+
+
+def _check_layer_map(folder: Path, layers: dict) -> None:
+    """Each entry names a known backend and a config object (or none): a damaged map is refused here,
+    not met as a TypeError half way through the load."""
+    from .backends import backend_names
+
+    for name, entry in layers.items():
+        backend = entry.get("backend") if isinstance(entry, dict) else None
+        if backend not in backend_names() or not isinstance(entry.get("config"), (dict, type(None))):
+            raise QuantError(
+                f"{folder}/config.json: damaged layer map entry {name!r} ({str(entry)[:80]}); expected "
+                f"{{'backend': one of {', '.join(backend_names())}, 'config': {{...}} or null}}; fix: save it again"
+            )
 
 
 def _layer_of(key: str, layers: dict) -> tuple[str, str] | None:
