@@ -320,3 +320,28 @@ def test_quantize_fp8_refuses_what_it_cannot_write(tmp_path, flux_path, sd_path,
     assert main(["quantize", str(sd_path), "--quant", "fp8", "--out", str(tmp_path / "u.safetensors")]) != 0
     assert "not UNet2DConditionModel); fix: --quant quanto:qfloat8" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+def test_a_scaled_fp8_file_runs_on_cuda_as_on_the_cpu(loaded, config_folder):
+    """device=cuda: the same fp8 bytes on the GPU, the output as on the CPU (cuBLAS against CPU rounding)."""
+    from diffusers import FluxTransformer2DModel
+
+    layout, files, cpu_model, _ = loaded
+    if layout != "comfy-scaled-fp8":
+        pytest.skip("one layout is enough on the GPU")
+    diffusers_quant.install("device=cuda")
+    model = FluxTransformer2DModel.from_single_file(
+        str(files["path"]), config=str(config_folder), dtype=torch.bfloat16
+    )
+    q = model.transformer_blocks[0].attn.to_q
+    assert q.weight._data.device.type == "cuda" and q.weight._data.dtype == torch.float8_e4m3fn
+    assert torch.equal(
+        q.weight._data.cpu().view(torch.uint8),
+        cpu_model.transformer_blocks[0].attn.to_q.weight._data.view(torch.uint8),
+    )
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _inputs().items()}
+    with torch.no_grad():
+        out = model(**inputs)[0].float().cpu()
+    expected = _run(cpu_model)
+    assert float((out - expected).norm() / expected.norm()) < 2e-2
