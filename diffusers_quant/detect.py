@@ -15,7 +15,7 @@ from .errors import QuantError
 
 GGUF_MAGIC = b"GGUF"
 # safetensors' own bound on a header (its Rust reader refuses larger ones)
-MAX_HEADER_BYTES = 100 * 2**20
+MAX_HEADER_BYTES = 100_000_000
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 # ComfyUI: scaled fp8 (a top-level ``scaled_fp8`` marker, ``.scale_weight`` per layer) and its newer mixed
 # quantization (``.comfy_quant`` per layer and / or ``_quantization_metadata``, ``.weight_scale``).
@@ -23,7 +23,22 @@ COMFY_SCALED_MARKER = "scaled_fp8"
 COMFY_LAYER_MARKER = ".comfy_quant"
 COMFY_METADATA = "_quantization_metadata"
 COMFY_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+# names quantized layouts give their scale tensors (ComfyUI, ModelOpt, compressed-tensors, DeepSeek-style fp8)
+SCALE_NAMES = (
+    "scale_weight",
+    "weight_scale",
+    "weight_scale_inv",
+    "weight_scale_2",
+    "weight_global_scale",
+    "scale_input",
+    "input_scale",
+    "input_global_scale",
+)
 FORGE_NF4_MARKERS = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+
+
+def looks_like_a_scale(key: str) -> bool:
+    return key.rpartition(".")[2] in SCALE_NAMES
 
 
 def is_gguf_file(path) -> bool:
@@ -104,12 +119,12 @@ def _tensor_info(path: str, name: str, entry, data_size: int) -> TensorInfo:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str):
         raise bad("no dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad("shape must be a list of sizes")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data_size
     ):
         raise bad("byte range outside the file")
@@ -133,6 +148,7 @@ FORMATS = {
     "comfy-scaled-fp8": "ComfyUI scaled fp8 (scaled_fp8 marker, .scale_weight per layer)",
     "comfy-quant": "ComfyUI mixed quantization (.comfy_quant markers, .weight_scale)",
     "forge-nf4": "Forge bitsandbytes NF4/FP4 single file (quant_state.bitsandbytes__* keys)",
+    "unknown-scaled": "quantized weights with scales in an unknown layout",
     "safetensors": "plain safetensors (no pre-quantized format)",
 }
 
@@ -173,10 +189,20 @@ def detect_file(path) -> Detected | None:
             ),
             loadable=not unsupported,
         )
-    fp8 = [n for n, info in names.items() if info.dtype in FP8_DTYPES]
+    fp8 = [n for n, info in names.items() if info.dtype in FP8_DTYPES and n.endswith(".weight")]
     scaled = [n for n in names if n.endswith(".scale_weight")]
     if any(n.rpartition(".")[2] == COMFY_SCALED_MARKER for n in names):
         return Detected("comfy-scaled-fp8", len(scaled), dtypes)
+    scales = sorted(n for n in names if looks_like_a_scale(n))
+    if scales:  # scales without a layout this knows: loading the weights alone would be silently wrong
+        return Detected(
+            "unknown-scaled",
+            len(scales),
+            dtypes,
+            f"scale tensors such as {', '.join(scales[:2])} in a layout not known here; fix: load the file with "
+            "the tool that wrote it",
+            loadable=False,
+        )
     if fp8:
         return Detected("fp8", len(fp8), dtypes)
     return Detected("safetensors", 0, dtypes)

@@ -19,7 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .components import Component, count_linears, fp32_modules
-from .detect import COMFY_LAYER_MARKER, COMFY_SCALED_MARKER, FORMATS, Detected
+from .detect import COMFY_LAYER_MARKER, COMFY_SCALED_MARKER, FORMATS, Detected, looks_like_a_scale
 from .errors import QuantError
 from .rules import enforce
 from .spec import Plan, Spec
@@ -42,10 +42,6 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
     if not detected.loadable:
         raise QuantError(f"{path}: {FORMATS[detected.format]}: {detected.detail}")
     plan = plan or Plan()
-    enforce(
-        Plan(entries=((load.name, SPEC),), offload=plan.offload, device=plan.device),
-        [Component(load.name, load.kind, load.cls.__name__)],
-    )
     from .backends import get_backend
 
     quanto = get_backend("quanto")
@@ -84,7 +80,18 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
             fp8_layers[layer] = (data, rows)
         else:  # a float8 tensor that is no Linear's weight: dequantized, as the file's scale says
             plain[key] = (data.float() * rows.view(-1, *[1] * (data.dim() - 1))).to(target)
+    if fp8_layers:  # the rules for quanto fp8 layers (a VAE read out of an all-in-one file has none)
+        enforce(
+            Plan(entries=((load.name, SPEC),), offload=plan.offload, device=plan.device),
+            [Component(load.name, load.kind, load.cls.__name__)],
+        )
     result = model.load_state_dict(plain, strict=False, assign=True)
+    scales_left = [k for k in result.unexpected_keys if looks_like_a_scale(k)]
+    if scales_left:  # a scale nobody applied would leave its weight silently wrong
+        raise QuantError(
+            f"{path}: {len(scales_left)} scale tensors of a layout not known here (e.g. {', '.join(scales_left[:3])}); "
+            "fix: load the file with the tool that wrote it"
+        )
     missing = [k for k in result.missing_keys if k.removesuffix(".weight") not in fp8_layers]
     if missing:
         raise QuantError(
@@ -93,6 +100,11 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
         )
     for layer, (data, rows) in fp8_layers.items():
         linear = model.get_submodule(layer)
+        if tuple(data.shape) != (linear.out_features, linear.in_features):
+            raise QuantError(
+                f"{path}: {layer}.weight is {tuple(data.shape)} in the file, {load.cls.__name__} wants "
+                f"{(linear.out_features, linear.in_features)}; fix: give the config of the model this file holds"
+            )
         # quanto's activation scales stay at 1: the weight is upcast per layer, activations are not quantized
         tensors = {
             "weight._data": data,
@@ -114,6 +126,8 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
         setattr(model.get_submodule(parent) if parent else model, attr, built)
     model.to(load.device).eval()
     load.folder = None
+    if not fp8_layers:
+        return model
     return load.record(model, SPEC, "pre-quantized", bytes_before, len(fp8_layers), count_linears(model))
 
 
@@ -125,6 +139,14 @@ def _sources(checkpoint: dict[str, torch.Tensor], path: str):
         suffix = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
             scales[key[: -len(suffix)] + ".weight"] = value
+    unknown = [
+        k for k in checkpoint if looks_like_a_scale(k) and not k.endswith(_SCALE_SUFFIXES + _DROPPED_SUFFIXES)
+    ]
+    if unknown:  # a scale nobody applies would leave its weight silently wrong
+        raise QuantError(
+            f"{path}: scale tensors of a layout not known here (e.g. {', '.join(unknown[:3])}); "
+            "fix: load the file with the tool that wrote it"
+        )
     sources, tags = {}, {}
     for key, value in checkpoint.items():
         if key.endswith(_SCALE_SUFFIXES + _DROPPED_SUFFIXES) or key.rpartition(".")[2] == COMFY_SCALED_MARKER:
@@ -141,12 +163,15 @@ def _sources(checkpoint: dict[str, torch.Tensor], path: str):
 def _rows(scale: torch.Tensor | None, n: int, key: str, path: str) -> torch.Tensor:
     if scale is None:
         return torch.ones(n)
-    scale = scale.float().flatten()
-    if scale.numel() == 1:
-        return scale.expand(n).clone()
-    if scale.numel() == n:
-        return scale.clone()
-    raise QuantError(f"{path}: the scale of {key} has {scale.numel()} values for {n} rows")
+    # one scale per tensor (ComfyUI's), or one per row; never per input channel or per block
+    if tuple(scale.shape) in ((), (1,)):
+        return scale.float().reshape(1).expand(n).clone()
+    if tuple(scale.shape) in ((n,), (n, 1)):
+        return scale.float().flatten().clone()
+    raise QuantError(
+        f"{path}: the scale of {key} has shape {tuple(scale.shape)}; expected one per tensor or one per row "
+        f"({n}); fix: load the file with the tool that wrote it"
+    )
 
 
 def _model_config(cls: type, checkpoint: dict, kwargs: dict, path: str) -> dict:
@@ -154,10 +179,16 @@ def _model_config(cls: type, checkpoint: dict, kwargs: dict, path: str) -> dict:
     inferred from the checkpoint's keys (a repo id, which needs the hub or its cache)."""
     config, subfolder = kwargs.get("config"), kwargs.get("subfolder")
     if config is None:
+        from diffusers.loaders.single_file_model import (
+            SINGLE_FILE_LOADABLE_CLASSES,
+            _get_single_file_loadable_mapping_class,
+        )
         from diffusers.loaders.single_file_utils import fetch_diffusers_config
 
-        inferred = fetch_diffusers_config(checkpoint)
-        config, subfolder = inferred["pretrained_model_name_or_path"], subfolder or inferred.get("subfolder")
+        inferred = dict(fetch_diffusers_config(checkpoint))
+        config = inferred["pretrained_model_name_or_path"]
+        mapping = SINGLE_FILE_LOADABLE_CLASSES.get(_get_single_file_loadable_mapping_class(cls) or "", {})
+        subfolder = subfolder or mapping.get("default_subfolder") or inferred.get("subfolder")
     try:
         return cls.load_config(config, subfolder=subfolder, local_files_only=kwargs.get("local_files_only"))
     except (OSError, ValueError) as e:
@@ -185,8 +216,10 @@ def _convert(cls, model, config, sources: dict, tags: dict, kwargs: dict, path: 
     convert = SINGLE_FILE_LOADABLE_CLASSES[mapping]["checkpoint_mapping_fn"]
     with _CarryScales(tags):
         try:
+            # diffusers pops config= before the mapping kwargs; so do we
+            extra = {k: v for k, v in kwargs.items() if k not in ("config", "checkpoint")}
             return convert(
-                config=config, checkpoint=dict(sources), **_get_mapping_function_kwargs(convert, **kwargs)
+                config=config, checkpoint=dict(sources), **_get_mapping_function_kwargs(convert, **extra)
             )
         except NotRearranged as e:
             raise QuantError(
@@ -245,37 +278,49 @@ class _CarryScales(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = list(args[0]) if args and isinstance(args[0], (list, tuple)) else list(args[:1])
-        tagged = [self._tag(t) for t in inputs]
-        if not any(tagged) or not _holds_tensors(out):
-            return out  # untouched tensors, or metadata (shape, dtype, size)
+        flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+        if not any(self._tag(t) for t in flat):
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
+        if name in ("__setitem__", "copy_", "set_") or (name.endswith("_") and not name.startswith("__")):
+            raise NotRearranged(f"{name} writes into a float8 weight or from one")
+        out = func(*args, **kwargs)
+        if not _holds_tensors(out):
+            return out  # metadata: shape, dtype, size
         how = _MOVES.get(name)
         if how is None or (name == "to" and isinstance(out, torch.Tensor) and out.dtype != torch.uint8):
             raise NotRearranged(f"{name} on a float8 weight")
-        if any(t is None for t in tagged) or len({t[2] for t in tagged}) > 1:
-            raise NotRearranged(f"{name} joins a float8 weight with other tensors")
+        if how == "cat":
+            inputs = list(args[0] if args else kwargs.get("tensors", ()))
+        else:
+            inputs = [args[0] if args else kwargs.get("input")]
+        tagged = [self._tag(t) for t in inputs]
+        inside = {id(t) for t in inputs}
+        stray = [t for t in flat if self._tag(t) is not None and id(t) not in inside]
+        if stray or any(t is None for t in tagged) or len({t[2] for t in tagged}) > 1:
+            raise NotRearranged(f"{name} mixes a float8 weight with other tensors")
         rows, fp8 = tagged[0][1], tagged[0][2]
-        dim = _dim_arg(name, args, kwargs)
+        dim = _dim_arg(name, args, kwargs, inputs[0].dim())
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         if how == "split" and dim == 0:
-            pieces = func(rows, *args[1:2], dim=0)
+            pieces = list(func(rows, _split_arg(args, kwargs), dim=0))
         elif how == "cat" and dim == 0:
             pieces = [torch.cat([t[1] for t in tagged])]
-        elif how == "index":
-            pieces = [_index_rows(rows, args[1], name)]
-        else:
-            if how == "turn" and not torch.all(rows == rows[0]):
+        elif how == "index" and _keeps_rows(args[1]):
+            first = args[1][0] if isinstance(args[1], tuple) else args[1]
+            pieces = [rows[first]]
+        else:  # dim 0 kept, or moved: the same scales for every row of every input, or refused
+            same = all(torch.equal(t[1], rows) for t in tagged) and bool(torch.all(rows == rows[0]))
+            if how in ("turn", "index") and not same:
                 raise NotRearranged(f"{name} moves the rows of a weight with per-row scales")
-            if how == "cat" and any(not torch.equal(t[1], rows) for t in tagged):
-                raise NotRearranged("cat along a later dim of weights with different scales")
+            if how == "cat" and not all(torch.equal(t[1], rows) for t in tagged):
+                raise NotRearranged(f"{name} joins weights with different scales along a later dim")
             pieces = [rows] * len(outs)
         for o, piece in zip(outs, pieces, strict=True):
             n = o.shape[0] if o.dim() else 1
-            if piece.numel() != n:  # dim 0 changed size (a reshape or transpose)
-                if not torch.all(rows == rows[0]):
-                    raise NotRearranged(f"{name} moves rows of a weight with per-row scales")
+            if piece.numel() != n:  # dim 0 changed size (a reshape or a transpose)
+                if not all(bool(torch.all(t[1] == rows[0])) for t in tagged):
+                    raise NotRearranged(f"{name} moves the rows of a weight with per-row scales")
                 piece = rows[:1].expand(n).clone()
             self.tags[id(o)] = (o, piece, fp8)
         return out
@@ -287,19 +332,49 @@ def _holds_tensors(out) -> bool:
     return isinstance(out, (list, tuple)) and bool(out) and all(isinstance(o, torch.Tensor) for o in out)
 
 
-def _dim_arg(name: str, args: tuple, kwargs: dict) -> int:
-    if "dim" in kwargs:
-        return kwargs["dim"]
-    position = {"chunk": 2, "split": 2, "tensor_split": 2, "split_with_sizes": 2, "cat": 1, "concat": 1}
-    index = position.get(name)
-    return args[index] if index is not None and len(args) > index else 0
+_DIM_POSITION = {
+    "chunk": 2,
+    "split": 2,
+    "tensor_split": 2,
+    "split_with_sizes": 2,
+    "cat": 1,
+    "concat": 1,
+    "concatenate": 1,
+    "narrow": 1,
+    "transpose": 1,
+}
 
 
-def _index_rows(rows: torch.Tensor, index, name: str) -> torch.Tensor:
-    first = index[0] if isinstance(index, tuple) and index else index
-    if isinstance(first, slice) or first is Ellipsis:
-        return rows if first is Ellipsis else rows[first]
-    raise NotRearranged(f"{name} with index {index!r}")
+def _dim_arg(name: str, args: tuple, kwargs: dict, ndim: int) -> int:
+    """The op's dim (``dim=``, ``axis=`` or positional), made non-negative."""
+    dim = kwargs.get("dim", kwargs.get("axis"))
+    if dim is None:
+        index = _DIM_POSITION.get(name)
+        dim = args[index] if index is not None and len(args) > index else 0
+    return dim % ndim if ndim and isinstance(dim, int) else 0
+
+
+def _split_arg(args: tuple, kwargs: dict):
+    """The sizes or count a chunk / split was called with, positional or by any of its keyword names."""
+    if len(args) > 1:
+        return args[1]
+    for key in (
+        "chunks",
+        "split_size_or_sections",
+        "split_size",
+        "sections",
+        "indices_or_sections",
+        "split_sizes",
+    ):
+        if key in kwargs:
+            return kwargs[key]
+    raise NotRearranged("a split without sizes")
+
+
+def _keeps_rows(index) -> bool:
+    """An index whose first element slices dim 0 and whose others only slice or pick later dims."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return bool(parts) and isinstance(parts[0], slice) and all(isinstance(p, (slice, int)) for p in parts[1:])
 
 
 # --- writing ComfyUI's scaled fp8 single files ---------------------------------------------------------------

@@ -113,6 +113,8 @@ def _require_local_file(pretrained) -> None:
 
 
 def _model_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    if isinstance(pretrained, os.PathLike):
+        pretrained = os.fspath(pretrained)
     _require_local_file(pretrained)
     active = ACTIVE_PIPELINE.get()
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
@@ -209,7 +211,17 @@ def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *a
 
 
 def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
+    if isinstance(pretrained, os.PathLike):
+        pretrained = os.fspath(pretrained)
     _require_local_file(pretrained)
+    detected = detect_file(pretrained) if isinstance(pretrained, str) and os.path.isfile(pretrained) else None
+    if detected is not None and detected.format not in ("safetensors", "fp8", "gguf"):
+        # diffusers would hand each component a dict with the scales left unapplied: a wrong pipeline
+        raise QuantError(
+            f"{pretrained}: {FORMATS[detected.format]}: a pipeline's from_single_file would drop its scales; "
+            "fix: load the model from it with its class (e.g. FluxTransformer2DModel.from_single_file(path, "
+            "config=...)) and pass it to the pipeline's from_pretrained"
+        )
     plan = _call_plan(kwargs) or ambient_plan()
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)

@@ -345,3 +345,95 @@ def test_a_scaled_fp8_file_runs_on_cuda_as_on_the_cpu(loaded, config_folder):
         out = model(**inputs)[0].float().cpu()
     expected = _run(cpu_model)
     assert float((out - expected).norm() / expected.norm()) < 2e-2
+
+
+def test_a_path_object_takes_the_fp8_path_too(loaded, config_folder):
+    from pathlib import Path
+
+    from diffusers import FluxTransformer2DModel
+    from optimum.quanto import QLinear
+
+    _, files, _, _ = loaded
+    diffusers_quant.install()
+    model = FluxTransformer2DModel.from_single_file(Path(files["path"]), config=str(config_folder))
+    assert isinstance(model.transformer_blocks[0].attn.to_q, QLinear)
+
+
+def test_a_pipeline_from_single_file_of_a_scaled_file_is_refused(loaded):
+    from diffusers import FluxPipeline
+
+    layout, files, _, _ = loaded
+    if layout == "fp8":
+        pytest.skip("plain fp8 has no scales to drop: diffusers' upcast is right")
+    diffusers_quant.install()
+    with pytest.raises(
+        QuantError, match=r"would drop its scales; fix: load the model from it with its class"
+    ):
+        FluxPipeline.from_single_file(str(files["path"]))
+
+
+def test_scales_of_an_unknown_layout_are_refused(tmp_path, config_folder):
+    from diffusers import FluxTransformer2DModel
+
+    path = tmp_path / "inv.safetensors"
+    save_file(
+        {
+            "x.weight": torch.ones(4, 4, dtype=torch.float8_e4m3fn),
+            "x.weight_scale_inv": torch.ones(1, 1),
+        },
+        str(path),
+    )
+    assert detect_file(path).format == "unknown-scaled" and not detect_file(path).loadable
+    diffusers_quant.install()
+    with pytest.raises(QuantError, match=r"x.weight_scale_inv in a layout not known here; fix: "):
+        FluxTransformer2DModel.from_single_file(str(path), config=str(config_folder))
+    with pytest.raises(QuantError, match="layout not known here"):
+        _sources(
+            {"x.weight": torch.ones(4, 4, dtype=torch.float8_e4m3fn), "x.weight_scale_2": torch.ones(())}, "f"
+        )
+
+
+def test_a_per_input_channel_scale_is_refused():
+    w = torch.ones(4, 4, dtype=torch.float8_e4m3fn)
+    with pytest.raises(QuantError, match=r"shape \(1, 4\); expected one per tensor or one per row"):
+        _sources({"a.weight": w, "a.scale_weight": torch.ones(1, 4)}, "f")
+
+
+def _two_tagged():
+    a = torch.ones(2, 2, dtype=torch.float8_e4m3fn)
+    b = torch.ones(2, 2, dtype=torch.float8_e4m3fn)
+    checkpoint = {
+        "a.weight": a,
+        "a.scale_weight": torch.tensor(2.0),
+        "b.weight": b,
+        "b.scale_weight": torch.tensor(3.0),
+    }
+    sources, tags = _sources(checkpoint, "f")
+    return sources["a.weight"], sources["b.weight"], tags
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda a, b: torch.cat([a, b], axis=1),  # later dim, different scales
+        lambda a, b: torch.concatenate([a, b], 1),
+        lambda a, b: torch.tensor(2, dtype=torch.uint8) * a,  # arithmetic, the weight second
+        lambda a, b: a.__setitem__(slice(0, 1), b[:1]),  # bytes of another scale written in
+        lambda a, b: torch.zeros(2, 2).copy_(a),
+        lambda a, b: a.T,
+    ],
+    ids=["cat-axis-1", "concatenate-1", "scalar-times-weight", "setitem", "copy", "transpose-property"],
+)
+def test_ops_that_are_not_plain_moves_are_refused(op):
+    a, b, tags = _two_tagged()
+    with pytest.raises(QuantError), _CarryScales(tags):
+        op(a, b)
+
+
+def test_splits_by_keyword_and_cats_along_a_later_dim_with_equal_scales():
+    a, _, tags = _two_tagged()
+    with _CarryScales(tags):
+        first, second = a.split(split_size=1, dim=0)
+        wide = torch.cat([a, a], dim=-1)
+    assert torch.equal(tags[id(first)][1], torch.tensor([2.0]))
+    assert torch.equal(tags[id(wide)][1], torch.tensor([2.0, 2.0]))
