@@ -25,29 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import MODELS, gpu_name, make_inputs  # noqa: E402
+from offload import step as _step  # noqa: E402  (the same measured step as the offload benchmark)
 
 import diffusers_quant  # noqa: E402
 from diffusers_quant.fp8_files import write_scaled_fp8  # noqa: E402
 from diffusers_quant.post_load import state_nbytes  # noqa: E402
-
-
-def _step(model, inputs, defn, device):
-    cuda = device.startswith("cuda")
-    times = []
-    with torch.no_grad():
-        for _ in range(defn.warmup):
-            out = model(**inputs, return_dict=False)[0]
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(defn.steps):
-            start = time.perf_counter()
-            out = model(**inputs, return_dict=False)[0]
-            if cuda:
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1000)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    return out.float().cpu(), sorted(times)[len(times) // 2], peak
 
 
 def run(model_name: str, device: str, out: Path) -> dict:
