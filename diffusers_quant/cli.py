@@ -253,7 +253,7 @@ _FILE_SUFFIXES = (".gguf", ".safetensors")
 
 def _write_fp8(args, dtype) -> int:
     """--quant fp8: one ComfyUI scaled fp8 file, in the model's original key layout."""
-    from .fp8_files import _ORIGINAL_LAYOUTS, write_scaled_fp8
+    from .fp8_files import require_original_layout, write_scaled_fp8
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors" or out.is_dir():
@@ -265,13 +265,9 @@ def _write_fp8(args, dtype) -> int:
         raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
     folder, _ = _component_folder(args.model, args.component)
     cls = _model_class(folder)
-    if cls.__name__ not in _ORIGINAL_LAYOUTS:
-        raise QuantError(
-            f"--quant fp8 writes ComfyUI's scaled fp8 layout, known here for {', '.join(_ORIGINAL_LAYOUTS)} "
-            f"(not {cls.__name__}); fix: --quant quanto:qfloat8 (a folder) or a gguf:<type> file"
-        )
-    tally = write_scaled_fp8(cls.from_pretrained(folder, dtype=dtype), str(out))
-    print(f"wrote {out} (ComfyUI scaled fp8): " + ", ".join(f"{k} x{v}" for k, v in sorted(tally.items())))
+    require_original_layout(cls.__name__)  # before the model is loaded
+    written = write_scaled_fp8(cls.from_pretrained(folder, dtype=dtype), str(out))
+    print(f"wrote {out} (ComfyUI scaled fp8): {_tally(written.elements())}")
     return 0
 
 

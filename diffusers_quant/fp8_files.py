@@ -15,11 +15,13 @@ weight) is refused: the result would be silently wrong.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.overrides import TorchFunctionMode
 
 from .components import Component, count_linears, fp32_modules
-from .detect import COMFY_LAYER_MARKER, COMFY_SCALED_MARKER, FORMATS, Detected, looks_like_a_scale
+from .detect import COMFY_LAYER_MARKER, COMFY_SCALED_MARKER, Detected, looks_like_a_scale
 from .errors import QuantError
 from .rules import enforce
 from .spec import Plan, Spec
@@ -38,9 +40,8 @@ class NotRearranged(QuantError):
 
 
 def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan | None) -> torch.nn.Module:
-    """``load.cls`` from the fp8 single file at ``path`` (``detected`` by its header), weights kept fp8."""
-    if not detected.loadable:
-        raise QuantError(f"{path}: {FORMATS[detected.format]}: {detected.detail}")
+    """``load.cls`` from the fp8 single file at ``path`` (``detected`` by its header and loadable), weights
+    kept fp8."""
     plan = plan or Plan()
     from .backends import get_backend
 
@@ -64,19 +65,15 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
     plain: dict[str, torch.Tensor] = {}
     for key, value in converted.items():
         tag = tags.get(id(value))
-        target = torch.float32 if keep.intersection(key.split(".")) else dtype
+        kept_fp32 = bool(keep.intersection(key.split(".")))
+        target = torch.float32 if kept_fp32 else dtype
         if tag is None or tag[0] is not value:
             plain[key] = value.to(target) if value.is_floating_point() else value
             continue
         _, rows, fp8 = tag
         data = value.view(fp8)
         layer = key.removesuffix(".weight")
-        if (
-            key.endswith(".weight")
-            and layer in linears
-            and data.dim() == 2
-            and not keep.intersection(key.split("."))
-        ):
+        if key.endswith(".weight") and layer in linears and data.dim() == 2 and not kept_fp32:
             fp8_layers[layer] = (data, rows)
         else:  # a float8 tensor that is no Linear's weight: dequantized, as the file's scale says
             plain[key] = (data.float() * rows.view(-1, *[1] * (data.dim() - 1))).to(target)
@@ -85,13 +82,8 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
             Plan(entries=((load.name, SPEC),), offload=plan.offload, device=plan.device),
             [Component(load.name, load.kind, load.cls.__name__)],
         )
+    # (scales of layouts not known here were refused by _sources, before the converter ran)
     result = model.load_state_dict(plain, strict=False, assign=True)
-    scales_left = [k for k in result.unexpected_keys if looks_like_a_scale(k)]
-    if scales_left:  # a scale nobody applied would leave its weight silently wrong
-        raise QuantError(
-            f"{path}: {len(scales_left)} scale tensors of a layout not known here (e.g. {', '.join(scales_left[:3])}); "
-            "fix: load the file with the tool that wrote it"
-        )
     missing = [k for k in result.missing_keys if k.removesuffix(".weight") not in fp8_layers]
     if missing:
         raise QuantError(
@@ -453,25 +445,26 @@ def _flux_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _ORIGINAL_LAYOUTS = {"FluxTransformer2DModel": _flux_to_original}
 
 
-def write_scaled_fp8(model: torch.nn.Module, path: str) -> dict[str, int]:
+def require_original_layout(class_name: str) -> None:
+    """Refuse a model class whose original key layout this package cannot write."""
+    if class_name not in _ORIGINAL_LAYOUTS:
+        raise QuantError(
+            f"--quant fp8 writes ComfyUI's scaled fp8 layout, known here for {', '.join(_ORIGINAL_LAYOUTS)} "
+            f"(not {class_name}); fix: --quant quanto:qfloat8 (a folder) or a gguf:<type> file"
+        )
+
+
+def write_scaled_fp8(model: torch.nn.Module, path: str) -> Counter:
     """Write ``model`` as a ComfyUI scaled fp8 file in its original key layout: each 2-D weight inside the
     transformer blocks as float8_e4m3fn with a float32 ``.scale_weight`` (its absmax / 448), the rest in
     the model's dtype, and the ``scaled_fp8`` marker. Written to a temporary name, then renamed. Returns
-    a tally of the dtypes written."""
-    import os
-    import tempfile
-
+    how many tensors of each dtype were written."""
     from safetensors.torch import save_file
 
-    from .files import normal_mode
+    from .files import replacing
 
-    to_original = _ORIGINAL_LAYOUTS.get(type(model).__name__)
-    if to_original is None:
-        raise QuantError(
-            f"--quant fp8 writes ComfyUI's scaled fp8 layout, known here for {', '.join(_ORIGINAL_LAYOUTS)} "
-            f"(not {type(model).__name__}); fix: --quant quanto:qfloat8 (a folder) or a gguf:<type> file"
-        )
-    original = to_original({k: v.detach() for k, v in model.state_dict().items()})
+    require_original_layout(type(model).__name__)
+    original = _ORIGINAL_LAYOUTS[type(model).__name__]({k: v.detach() for k, v in model.state_dict().items()})
     tensors: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
     for key, value in original.items():
         in_block = key.startswith(("double_blocks.", "single_blocks."))
@@ -482,19 +475,6 @@ def write_scaled_fp8(model: torch.nn.Module, path: str) -> dict[str, int]:
             tensors[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(())
         else:
             tensors[key] = value.contiguous()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, tmp)
-        os.chmod(tmp, normal_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    tally: dict[str, int] = {}
-    for t in tensors.values():
-        tally[str(t.dtype).removeprefix("torch.")] = tally.get(str(t.dtype).removeprefix("torch."), 0) + 1
-    return tally
+    return Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from .components import Component, kind_of_class
-from .detect import FORMATS, detect_file, is_gguf_file
+from .detect import FORMATS, detect_file
 from .errors import PlanRefused, QuantError
 from .fp8_files import FP8_FORMATS, load_fp8_file
 from .loading import (
@@ -94,32 +94,37 @@ _FILE_SUFFIXES = (".gguf", ".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin
 _URL_PREFIXES = ("huggingface.co/", "hf.co/")  # diffusers takes these without a scheme too
 
 
-def _require_local_file(pretrained) -> None:
-    """A local-looking path that does not exist is named here; diffusers would call it an invalid URL."""
+def _require_local_file(pretrained):
+    """``pretrained`` with a path object made a string. A local-looking path that does not exist is named
+    here (diffusers would call it an invalid URL); a pickle is checked before the library unpickles it."""
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
     if isinstance(pretrained, str) and is_pickle_checkpoint(pretrained):
         check_pickle(pretrained)  # refused here, naming the fix, before the library unpickles anything
     if not isinstance(pretrained, str) or os.path.exists(pretrained):
-        return
+        return pretrained
     if "://" in pretrained or pretrained.startswith(_URL_PREFIXES):
-        return
+        return pretrained
     local = os.path.isabs(pretrained) or pretrained.startswith(("./", "../", ".\\", "..\\"))
     if local or pretrained.lower().endswith(_FILE_SUFFIXES):
         raise QuantError(
             f"from_single_file: {pretrained!r} does not exist; fix: give the path of an existing file "
             "(or an https:// URL)"
         )
+    return pretrained  # a hub repo id: the library resolves it
+
+
+def _detected(pretrained):
+    """The format of a local single file, from its header (None for URLs, dicts and unknown files)."""
+    return detect_file(pretrained) if isinstance(pretrained, str) and os.path.isfile(pretrained) else None
 
 
 def _model_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
-    if isinstance(pretrained, os.PathLike):
-        pretrained = os.fspath(pretrained)
-    _require_local_file(pretrained)
+    pretrained = _require_local_file(pretrained)
     active = ACTIVE_PIPELINE.get()
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
     # Pre-quantized files are recognised from their bytes and loaded as they are, whatever the plan says.
-    detected = detect_file(pretrained) if isinstance(pretrained, str) and os.path.isfile(pretrained) else None
+    detected = _detected(pretrained)
     if detected is not None and detected.format == "gguf":
         load = Load.create(cls, pretrained, kwargs, plan, active.report if active else None)
         return _place_alone(load_gguf(load, pretrained, kwargs, plan), plan)
@@ -211,10 +216,8 @@ def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *a
 
 
 def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
-    if isinstance(pretrained, os.PathLike):
-        pretrained = os.fspath(pretrained)
-    _require_local_file(pretrained)
-    detected = detect_file(pretrained) if isinstance(pretrained, str) and os.path.isfile(pretrained) else None
+    pretrained = _require_local_file(pretrained)
+    detected = _detected(pretrained)
     if detected is not None and detected.format not in ("safetensors", "fp8", "gguf"):
         # diffusers would hand each component a dict with the scales left unapplied: a wrong pipeline
         raise QuantError(
@@ -226,7 +229,7 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)
     _refuse_on_load_for_single_files(plan)
-    if is_gguf_file(pretrained):
+    if detected is not None and detected.format == "gguf":
         raise QuantError(
             f"{pretrained}: a GGUF file holds a transformer/UNet, not a whole pipeline; fix: load it with the "
             "model class (e.g. FluxTransformer2DModel.from_single_file(path, config=...)) and pass it as "

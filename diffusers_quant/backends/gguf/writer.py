@@ -13,12 +13,10 @@ complete, so a failure never leaves a partial file and never clobbers an existin
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,7 +25,7 @@ import gguf.quants
 import numpy as np
 import torch
 
-from ...files import normal_mode
+from ...files import replacing
 from .dequant import block_info, packed_nbytes
 from .quantize import to_ggml
 from .reader import ORIG_SHAPE_PREFIX
@@ -90,51 +88,47 @@ def write_gguf(
 
     plan = [_plan_tensor(name, t, qtype, keep_full_precision, float_type) for name, t in state_dict.items()]
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    writer = None
-    try:
+    with replacing(path) as tmp_path:
         writer = gguf.GGUFWriter(tmp_path, arch)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_uint32(FORMAT_KEY, FORMAT_VERSION)
-        writer.add_string(QTYPE_KEY, qtype)
-        if config_json is not None:
-            writer.add_string(CONFIG_KEY, config_json)
-        for key, value in (metadata or {}).items():
-            _add_metadata(writer, key, value)
-        for name, _, ttype, stored_shape, orig_shape in plan:
-            if orig_shape is not None:
-                writer.add_key_value(
-                    ORIG_SHAPE_PREFIX + name,
-                    list(orig_shape),
-                    gguf.GGUFValueType.ARRAY,
-                    gguf.GGUFValueType.INT32,
+        try:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_uint32(FORMAT_KEY, FORMAT_VERSION)
+            writer.add_string(QTYPE_KEY, qtype)
+            if config_json is not None:
+                writer.add_string(CONFIG_KEY, config_json)
+            for key, value in (metadata or {}).items():
+                _add_metadata(writer, key, value)
+            for name, _, ttype, stored_shape, orig_shape in plan:
+                if orig_shape is not None:
+                    writer.add_key_value(
+                        ORIG_SHAPE_PREFIX + name,
+                        list(orig_shape),
+                        gguf.GGUFValueType.ARRAY,
+                        gguf.GGUFValueType.INT32,
+                    )
+                nbytes = packed_nbytes(stored_shape, ttype)
+                # tensor_dtype only matters when it is uint8 (then the shape would be read as bytes)
+                writer.add_tensor_info(
+                    name, stored_shape, np.dtype(np.float32), nbytes, raw_dtype=_ggml_type(ttype)
                 )
-            nbytes = packed_nbytes(stored_shape, ttype)
-            # tensor_dtype only matters when it is uint8 (then the shape would be read as bytes)
-            writer.add_tensor_info(
-                name, stored_shape, np.dtype(np.float32), nbytes, raw_dtype=_ggml_type(ttype)
-            )
 
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for name, tensor, ttype, stored_shape, _ in plan:  # streamed: one encoded tensor in memory at a time
-            writer.write_tensor_data(_encode(name, tensor, ttype, stored_shape))
-        writer.flush()
-        assert writer.fout is not None
-        for f in writer.fout:
-            os.fsync(f.fileno())
-        writer.close()
-        os.chmod(tmp_path, normal_mode())  # mkstemp creates 0600; give the usual umask-based mode
-        os.replace(tmp_path, path)
-    except BaseException:
-        if writer is not None:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for (
+                name,
+                tensor,
+                ttype,
+                stored_shape,
+                _,
+            ) in plan:  # streamed: one encoded tensor in memory at a time
+                writer.write_tensor_data(_encode(name, tensor, ttype, stored_shape))
+            writer.flush()
+            assert writer.fout is not None
+            for f in writer.fout:
+                os.fsync(f.fileno())
+        finally:
             writer.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        raise
     return {name: ttype for name, _, ttype, _, _ in plan}
 
 
