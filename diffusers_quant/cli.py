@@ -226,6 +226,8 @@ def cmd_quantize(args) -> int:
         return _write_fp8(args, dtype)
     spec = Spec.parse(args.quant)
     out = Path(args.out)
+    if spec.backend == "bnb" and spec.qtype in ("nf4", "fp4") and out.suffix.lower() in _FILE_SUFFIXES:
+        return _write_forge(args, spec, dtype)
     _refuse_out(spec, out)
     if not os.path.exists(args.model):
         raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
@@ -253,7 +255,8 @@ _FILE_SUFFIXES = (".gguf", ".safetensors")
 
 def _write_fp8(args, dtype) -> int:
     """--quant fp8: one ComfyUI scaled fp8 file, in the model's original key layout."""
-    from .fp8_files import require_original_layout, write_scaled_fp8
+    from .fp8_files import write_scaled_fp8
+    from .layouts import require_original_layout
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors" or out.is_dir():
@@ -265,9 +268,40 @@ def _write_fp8(args, dtype) -> int:
         raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
     folder, _ = _component_folder(args.model, args.component)
     cls = _model_class(folder)
-    require_original_layout(cls.__name__)  # before the model is loaded
+    require_original_layout(cls.__name__, "fp8")  # before the model is loaded
     written = write_scaled_fp8(cls.from_pretrained(folder, dtype=dtype), str(out))
     print(f"wrote {out} (ComfyUI scaled fp8): {_tally(written.elements())}")
+    return 0
+
+
+def _write_forge(args, spec, dtype) -> int:
+    """--quant bnb:nf4 (or fp4) --out FILE.safetensors: one Forge 4-bit file, in the model's original key
+    layout."""
+    from .layouts import require_original_layout
+    from .nf4_files import write_forge_nf4
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".safetensors" or out.is_dir():
+        raise QuantError(
+            f"--out {str(out)!r}: --quant {spec} writes one Forge safetensors file; fix: e.g. --out "
+            f"{out.with_suffix('').name}-{spec.qtype}.safetensors"
+        )
+    if not os.path.exists(args.model):
+        raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
+    folder, name = _component_folder(args.model, args.component)
+    cls = _model_class(folder)
+    require_original_layout(cls.__name__, str(spec))  # before the model is loaded
+    from . import install
+    from .components import Component, kind_of_class
+    from .rules import enforce
+    from .spec import Plan
+
+    plan = Plan(entries=((name, spec),), mode="auto")
+    enforce(plan, [Component(name, kind_of_class(cls), cls.__name__)])
+    install()
+    model = cls.from_pretrained(folder, dtype=dtype, quant=plan)
+    written = write_forge_nf4(model, str(out))
+    print(f"wrote {out} (Forge bitsandbytes {spec.qtype}): {_tally(written.elements())}")
     return 0
 
 
@@ -293,7 +327,8 @@ def _refuse_out(spec, out: Path) -> None:
     if out.suffix.lower() in _FILE_SUFFIXES:
         raise QuantError(
             f"--out {str(out)!r}: {spec} is saved as a folder (config.json + safetensors), not one file; fix: "
-            f"--out {out.with_suffix('')} (a new folder), or a gguf:<type> spec for a .gguf file"
+            f"--out {out.with_suffix('')} (a new folder), or one of the single-file specs: gguf:<type> (a .gguf "
+            "file), fp8 (ComfyUI scaled fp8), bnb:nf4 / bnb:fp4 (Forge's layout)"
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QuantError(
@@ -378,7 +413,7 @@ def _inspect_gguf(path: str) -> int:
 
 
 def _inspect_folder(path: str) -> int:
-    from .saving import read_saved
+    from .saving import foreign_method, read_saved
 
     saved = read_saved(path)
     if saved:
@@ -386,6 +421,13 @@ def _inspect_folder(path: str) -> int:
         print(
             f"quantized component ({saved.method} layout): {len(saved.layers)} quantized layers "
             f"({', '.join(backends)}), {len(saved.files)} weight file(s)"
+        )
+        return 0
+    foreign = foreign_method(path)
+    if foreign:
+        print(
+            f"quantized component (saved by {foreign}): diffusers / transformers load it through {foreign}; "
+            "the hooks leave it as it is"
         )
         return 0
     if not any(os.path.isfile(os.path.join(path, n)) for n in ("config.json", "model_index.json")):

@@ -166,14 +166,8 @@ def detect_file(path) -> Detected | None:
         dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
     forge = [n for n in names if n.endswith(FORGE_NF4_MARKERS)]
     if forge:
-        return Detected(
-            "forge-nf4",
-            len(forge),
-            dtypes,
-            "Forge's NF4 single files are not loaded here yet; fix: load the original (bf16/fp16) checkpoint "
-            "with quant='transformer=bnb:nf4' (quantized on the fly)",
-            loadable=False,
-        )
+        types = sorted({n.rpartition("__")[2] for n in forge})
+        return Detected("forge-nf4", len(forge), dtypes, "4-bit types: " + ", ".join(types))
     formats = comfy_formats(header)
     if formats is not None:
         unsupported = sorted(set(formats.values()) - set(COMFY_FP8_FORMATS))

@@ -37,6 +37,7 @@ from .loading import (
     load_model,
     quantize_loaded,
 )
+from .nf4_files import NF4_FORMAT, load_nf4_file
 from .offload import place_model, place_pipeline, planned_maps
 from .pickles import check_pickle, is_pickle_checkpoint
 from .report import Report
@@ -119,6 +120,9 @@ def _detected(pretrained):
     return detect_file(pretrained) if isinstance(pretrained, str) and os.path.isfile(pretrained) else None
 
 
+_PREQUANTIZED_LOADERS = {**dict.fromkeys(FP8_FORMATS, load_fp8_file), NF4_FORMAT: load_nf4_file}
+
+
 def _model_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
     pretrained = _require_local_file(pretrained)
     active = ACTIVE_PIPELINE.get()
@@ -129,10 +133,11 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
         load = Load.create(cls, pretrained, kwargs, plan, active.report if active else None)
         return _place_alone(load_gguf(load, pretrained, kwargs, plan), plan)
     if detected is not None and detected.format != "safetensors":
-        if not detected.loadable or detected.format not in FP8_FORMATS:
+        loader = _PREQUANTIZED_LOADERS.get(detected.format)
+        if not detected.loadable or loader is None:
             raise QuantError(f"{pretrained}: {FORMATS[detected.format]}: {detected.detail}")
         load = Load.create(cls, pretrained, kwargs, plan, active.report if active else None)
-        return _place_alone(load_fp8_file(load, pretrained, kwargs, detected, plan), plan)
+        return _place_alone(loader(load, pretrained, kwargs, detected, plan), plan)
     _refuse_on_load_for_single_files(plan)
     # Single files always go through the library's converter, then get quantized module by module.
     post_load = plan and plan.with_settings(mode="post-load")

@@ -17,7 +17,7 @@ from .pickles import check_folder_pickles
 from .post_load import quantize_model, state_nbytes
 from .report import ComponentReport, Report
 from .rules import enforce
-from .saving import SavedComponent, load_saved_component, read_saved
+from .saving import SavedComponent, foreign_method, load_saved_component, read_saved
 from .spec import Plan, Spec
 from .streaming import plan_stream, stream_load
 
@@ -201,6 +201,21 @@ def load_saved(saved: SavedComponent, load: Load) -> torch.nn.Module:
     return load.record(model, specs, "pre-quantized", nbytes, len(layers), len(layers) + count_linears(model))
 
 
+def load_foreign(original: Callable, load: Load, method: str, pretrained, args: tuple, kwargs: dict):
+    """A folder saved quantized by another library (``method``): loaded by diffusers / transformers through
+    that library, never quantized a second time by the plan."""
+    try:
+        model = original(load.cls, pretrained, *args, **kwargs)
+    except (ImportError, NotImplementedError, ValueError) as e:
+        raise QuantError(
+            f"{load.folder}: saved quantized by {method} (quantization_config quant_method {method!r}), which "
+            f"the libraries read through {method} itself; that failed: {str(e).splitlines()[0][:200]}; fix: "
+            f"install what it names (e.g. pip install {method}), or load the unquantized original with a plan"
+        ) from None
+    nbytes = state_nbytes(model)
+    return load.record(model, f"{method} (saved)", "pre-quantized", nbytes, 0, count_linears(model))
+
+
 def load_gguf(load: Load, path, kwargs: dict, plan: Plan | None, config=None) -> torch.nn.Module:
     """A GGUF file for this component: checked against the rules, then loaded packed."""
     from .backends import get_backend
@@ -247,6 +262,11 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     saved = read_saved(folder, kwargs.get("variant"))
     if saved is not None:
         return load_saved(saved, Load.create(cls, pretrained, kwargs, plan, report))
+    foreign = foreign_method(folder)
+    if foreign is not None:
+        return load_foreign(
+            original, Load.create(cls, pretrained, kwargs, plan, report), foreign, pretrained, args, kwargs
+        )
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)
     name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)

@@ -93,6 +93,22 @@ def _config_json(folder: Path) -> dict | None:
     return config
 
 
+def foreign_method(folder: str | os.PathLike | None) -> str | None:
+    """The ``quant_method`` of a folder saved quantized by another library (torchao, sdnq, modelopt ...),
+    which diffusers / transformers load through that library's own quantizer; None for any other folder."""
+    if folder is None or not os.path.isdir(folder):
+        return None
+    qconfig = (_config_json(Path(folder)) or {}).get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("format") == OURS:
+        return None
+    if qconfig.get("load_in_4bit") or qconfig.get("load_in_8bit"):
+        return None
+    method = qconfig.get("quant_method")
+    if method == OURS or method in NATIVE_METHODS:
+        return None
+    return str(method) if method else "unknown"
+
+
 def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> SavedComponent | None:
     """The saved quantized component in ``folder``, or None if it holds a plain (or foreign) checkpoint."""
     if folder is None or not os.path.isdir(folder):

@@ -60,3 +60,13 @@ def no_leaked_hooks(monkeypatch):
     import diffusers_quant
 
     diffusers_quant.uninstall()
+
+
+@pytest.fixture(scope="module")
+def config_folder(tmp_path_factory):
+    """A folder with the config of the 3072-wide one-block Flux of ``flux_original``."""
+    from flux_original import write_config
+
+    folder = tmp_path_factory.mktemp("flux3072")
+    write_config(folder)
+    return folder

@@ -107,8 +107,12 @@ def test_check_reports_refusals_without_loading(capsys, flux_path):
             "fix: --out t (a new folder)",
         ),
         (
-            ["quantize", "/nonexistent", "--quant", "bnb:nf4", "--out", "t.safetensors"],
-            "fix: --out t (a new folder)",
+            ["quantize", "/nonexistent", "--quant", "bnb:int8", "--out", "t.safetensors"],
+            "fix: --out t (a new folder), or one of the single-file specs",
+        ),
+        (
+            ["quantize", "/nonexistent", "--quant", "bnb:nf4", "--out", "t.gguf"],
+            "--out 't.gguf': --quant bnb:nf4 writes one Forge safetensors file; fix: e.g. --out t-nf4.safetensors",
         ),
         (
             ["quantize", "/nonexistent", "--quant", "bnb:nf4", "--out", "t", "--dtype", "fp8"],

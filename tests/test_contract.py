@@ -141,8 +141,9 @@ def test_text_encoder_dtype_casts_are_refused_too(spec, flux_path):
 
 def _assert_same_weights(out, expected):
     # Plain diffusers holds the same weights, but at other byte offsets (safetensors' own buffers), and CPU
-    # matmuls round differently on differently aligned data: equal to float32 rounding, not bit for bit.
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # matmuls round differently on differently aligned data: equal to float32 rounding, not bit for bit
+    # (on this host's CPU, 1e-6 off on outputs of 1e-2; any other weights would be off by 1e-2 and more).
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 # --- save and reload ---------------------------------------------------------------------------------------

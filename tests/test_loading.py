@@ -182,3 +182,46 @@ def test_pipeline_from_single_file_quantizes_after_load(flux_path, tmp_path):
     assert pipe.quant_report["transformer"].mode == "post-load"
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "QLinear"
     assert generate(pipe).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "method, qconfig",
+    [
+        ("sdnq", {"quant_method": "sdnq", "weights_dtype": "int8"}),
+        ("torchao", {"quant_method": "torchao", "quant_type": "int8_weight_only"}),
+    ],
+)
+def test_a_folder_saved_by_another_quantizer_is_never_quantized_again(tmp_path, capsys, method, qconfig):
+    """SDNQ / torchao folders go to the library's own quantizer; the plan's spec is not applied over them
+    (that would load their packed tensors as plain weights). Without the library: our error, naming it."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_quant.cli import main
+    from diffusers_quant.errors import QuantError
+
+    model = FluxTransformer2DModel(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        in_channels=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+    folder = tmp_path / "transformer"
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qconfig}))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    diffusers_quant.install("transformer=bnb:nf4")
+    try:
+        with pytest.raises(QuantError, match=rf"saved quantized by {method} .*fix: install what it names"):
+            FluxTransformer2DModel.from_pretrained(folder)
+    finally:
+        diffusers_quant.uninstall()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert main(["inspect", str(folder)]) == 0
+    assert f"saved by {method}" in capsys.readouterr().out
