@@ -22,6 +22,7 @@ __all__ = [
     "QuantError",
     "Spec",
     "SpecError",
+    "enable_compute",
     "install",
     "is_installed",
     "quantize",
@@ -74,6 +75,18 @@ def quantize(model, spec: Spec | str, *, kind: str | None = None, device: str | 
     load = Load(type(model), kind, kind, None, None, torch.device(plan.device), Report(plan=str(plan)))
     quantize_loaded(model, spec, load)
     return load.report[kind]
+
+
+def enable_compute(model, compute: str = "auto") -> int:
+    """Run the quantized Linears of a loaded model with W8A8 matmuls: ``fp8`` (quanto:qfloat8 layers),
+    ``int8`` (quanto:qint8 layers), ``auto`` (what the model's device runs well), ``none`` (weight-only
+    again). Returns how many layers switched. The plan setting ``compute=`` does this at load."""
+    from .compute import disable_compute
+    from .compute import enable_compute as _enable
+
+    if compute == "none":
+        return disable_compute(model)
+    return _enable(model, compute, _device_of(model))
 
 
 def save_quantized(model, folder, **save_kwargs) -> str:

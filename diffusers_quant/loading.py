@@ -103,6 +103,7 @@ class Load:
     dtype: torch.dtype | None
     device: torch.device
     report: Report
+    compute: str = "none"  # the plan's compute mode, applied to what this load quantizes
     start: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -117,6 +118,7 @@ class Load:
             # An offloaded component rests on the CPU: it is loaded there and the offloader places it.
             device=torch.device(plan.device if plan.offload == "none" else "cpu"),
             report=report if report is not None else Report(plan=str(plan), offload=plan.offload),
+            compute=plan.compute,
         )
 
     def record(
@@ -134,6 +136,12 @@ class Load:
             attach(model, self.dtype)
         if hasattr(model, "register_to_config") and self.folder is not None:
             model.register_to_config(_name_or_path=str(self.folder))
+        compute = "none"
+        if self.compute != "none":
+            from .compute import enable_compute
+
+            switched = enable_compute(model, self.compute, self.device)
+            compute = f"{self.compute} x{switched}" if switched else "none"
         self.report.add(
             ComponentReport(
                 name=self.name,
@@ -147,6 +155,7 @@ class Load:
                 linears_total=total,
                 seconds=time.perf_counter() - self.start,
                 device=str(self.device),
+                compute=compute,
             )
         )
         model.quant_report = self.report

@@ -18,6 +18,7 @@ class ComponentReport:
     linears_total: int = 0
     seconds: float = 0.0
     device: str = "cpu"
+    compute: str = "none"  # fp8 / int8: how many Linears run W8A8 matmuls, e.g. "fp8 x120"
 
     @property
     def ratio(self) -> float:
@@ -54,7 +55,7 @@ class Report:
         rows = [
             (
                 c.name,
-                c.spec or "-",
+                (c.spec or "-") + (f" compute={c.compute}" if c.compute != "none" else ""),
                 c.mode,
                 f"{c.layers_quantized}/{c.linears_total}",
                 _mib(c.bytes_before),

@@ -192,6 +192,7 @@ def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: boo
                 f"fix: pip install 'diffusers-quant[{backend.extra}]'"
             )
             continue
+        found += _compute_problems(plan, c, spec)
         v = verdict(spec, c.kind, plan.offload, plan.device)
         if not v.allowed:
             found.append(
@@ -199,6 +200,32 @@ def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: boo
                 f"fix: {v.fix}"
             )
     return found
+
+
+# compute mode -> the spec whose weights it runs (per-row fp8 e4m3 / int8 codes)
+COMPUTE_SPECS = {"fp8": "quanto:qfloat8", "int8": "quanto:qint8"}
+
+
+def _compute_problems(plan: Plan, c: Component, spec: Spec) -> list[str]:
+    """compute=fp8 / int8 runs the matmuls of one weight format each; any other spec in the plan is refused
+    (compute=auto applies where it can and refuses nothing)."""
+    wanted = COMPUTE_SPECS.get(plan.compute)
+    if wanted is None or f"{spec.backend}:{spec.qtype}" == wanted:
+        if plan.compute == "fp8" and device_type(plan.device) == "cuda":
+            import torch
+
+            from .compute import supports_fp8_matmul
+
+            if torch.cuda.is_available() and not supports_fp8_matmul(plan.device):
+                return [
+                    f"{c.name}: compute=fp8 needs fp8 tensor cores (NVIDIA Ada / Hopper or later); fix: "
+                    "compute=int8 with quanto:qint8, or compute=none"
+                ]
+        return []
+    return [
+        f"{c.name} ({c.kind}) with {spec}: compute={plan.compute} runs {wanted} layers only; fix: "
+        f"{c.name}={wanted}, or compute=auto (W8A8 where the weights allow it)"
+    ]
 
 
 def _gguf_file_problem(path: str) -> str | None:

@@ -37,7 +37,10 @@ SETTINGS = (
     "stream",
     "record_stream",
     "low_cpu_mem_usage",
+    "compute",
 )
+# compute=fp8 | int8: quantized Linears with fp8 / int8 weights run W8A8 matmuls (see compute.py)
+COMPUTES = ("none", "fp8", "int8", "auto")
 # Budgets belong to offload=balanced, the others to offload=group (diffusers' group-offloading options).
 BALANCED_SETTINGS = ("gpu_memory", "max_memory")
 GROUP_SETTINGS = ("group_type", "group_blocks", "stream", "record_stream", "low_cpu_mem_usage")
@@ -226,6 +229,7 @@ class Plan:
     stream: bool = False
     record_stream: bool = False
     low_cpu_mem_usage: bool = False
+    compute: str = "none"
     # Where the plan came from (call, context, env); not part of its identity.
     source: str = field(default="python", compare=False)
 
@@ -234,6 +238,11 @@ class Plan:
             raise SpecError(f"unknown mode {self.mode!r}; expected one of {choices(MODES)}")
         if self.offload not in OFFLOADS:
             raise SpecError(f"unknown offload {self.offload!r}; expected one of {choices(OFFLOADS)}")
+        if self.compute not in COMPUTES:
+            raise SpecError(
+                f"compute={self.compute!r}; expected one of {choices(COMPUTES)} (fp8 runs quanto:qfloat8 "
+                "layers on fp8 tensor cores, int8 runs quanto:qint8 layers with int8 matmuls)"
+            )
         if self.dtype is not None:
             object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
         if self.gpu_memory is not None:
@@ -362,7 +371,10 @@ class Plan:
             "offload": self.offload,
             "device": self.device,
             "dtype": self.dtype,
-            **{k: getattr(self, k) for k in ("gpu_memory", *BALANCED_SETTINGS[1:], *GROUP_SETTINGS)},
+            **{
+                k: getattr(self, k)
+                for k in ("gpu_memory", *BALANCED_SETTINGS[1:], *GROUP_SETTINGS, "compute")
+            },
         }
 
     def to_json(self) -> str:

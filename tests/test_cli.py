@@ -93,7 +93,7 @@ def test_check_reports_refusals_without_loading(capsys, flux_path):
         (
             ["generate", "--quant", "model=bnb:nf4;ofload=model"],
             "unknown setting 'ofload'; expected one of mode, offload, device, dtype, gpu_memory, max_memory, "
-            "group_type, group_blocks, stream, record_stream, low_cpu_mem_usage; "
+            "group_type, group_blocks, stream, record_stream, low_cpu_mem_usage, compute; "
             "did you mean 'offload'?",
         ),
         # --out is checked against the format before the model is even looked at

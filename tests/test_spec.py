@@ -102,7 +102,7 @@ def test_groups_select_by_kind_in_pipelines_too():
         (
             "transformer=bnb:nf4;ofload=model",
             r"^unknown setting 'ofload'; expected one of mode, offload, device, dtype, gpu_memory, max_memory, "
-            r"group_type, group_blocks, stream, record_stream, low_cpu_mem_usage; "
+            r"group_type, group_blocks, stream, record_stream, low_cpu_mem_usage, compute; "
             r"did you mean 'offload'\?$",
         ),
         ("transformer=bnb:nf4,devic=cuda", r"^unknown setting 'devic'; .* did you mean 'device'\?$"),

@@ -1,0 +1,171 @@
+"""compute=fp8 | int8: quantized Linears whose matmul runs in the quantized precision (W8A8).
+
+Weight-only layers dequantize their weight on every call and run a bf16 matmul. With a compute mode, a
+quanto layer whose weight is float8 e4m3 (``quanto:qfloat8``, fp8 files) or int8 (``quanto:qint8``) with one
+scale per output row keeps that weight and quantizes its input per token on the fly (absmax / 448 for
+e4m3, / 127 for int8), then runs ``torch._scaled_mm`` (fp8 tensor cores) or ``torch._int_mm`` (int8),
+the two row scales applied to the result. On CUDA the activation quantization and the matmul are one
+compiled function (an unfused eager quantization costs more than the matmul saves).
+
+The layer stays quanto's ``QLinear`` (its class is a subclass of it with only ``forward`` changed), so
+save, LoRA and dequantize work as before; ``disable_compute`` puts the class back. The pure-torch
+reference (the same quantization, dequantized, matmul in float32) runs everywhere; the environment
+variable ``DIFFUSERS_QUANT_REFERENCE=1`` forces it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .errors import QuantError
+from .spec import COMPUTES
+
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+REFERENCE_ENV = "DIFFUSERS_QUANT_REFERENCE"
+
+
+def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (M, K) quantized per row: (codes, float32 scales of shape (M, 1))."""
+    top = FP8_MAX if kind == "fp8" else INT8_MAX
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / top
+    scaled = x.float() / scale
+    if kind == "fp8":
+        return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    return scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def w8a8_reference(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
+    """The reference: activations quantized as the kernel does, both sides dequantized, float32 matmul."""
+    shape = x.shape
+    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]), kind)
+    out = (xq.float() * x_scale) @ (weight.float() * w_scale.float().view(-1, 1)).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+def w8a8_kernel(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
+    """Per-token quantization and the tensor-core matmul: ``torch._scaled_mm`` / ``torch._int_mm``."""
+    shape = x.shape
+    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]), kind)
+    w_scale = w_scale.float().view(1, -1)
+    if kind == "fp8":
+        # the bias is added in the matmul's epilogue (cuBLASLt takes one in the output dtype)
+        fused = bias.to(x.dtype) if bias is not None and x.dtype in (torch.bfloat16, torch.float16) else None
+        # fast accumulation (Hopper's fp8 accumulators, as torchao's inference path uses): CUDA only
+        out = torch._scaled_mm(
+            xq,
+            weight.t(),
+            scale_a=x_scale,
+            scale_b=w_scale,
+            bias=fused,
+            out_dtype=x.dtype,
+            use_fast_accum=x.is_cuda,
+        )
+        if bias is not None and fused is None:
+            out = out + bias.to(out.dtype)
+    else:
+        out = (torch._int_mm(xq, weight.t()).float() * x_scale * w_scale).to(x.dtype)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _compiled_kernel():
+    # one graph for every layer shape (a graph per shape would pass dynamo's recompile limit in one model,
+    # and the layers past it would run unfused)
+    return torch.compile(w8a8_kernel, dynamic=True)
+
+
+def _kernel_fits(x: torch.Tensor, weight: torch.Tensor, kind: str) -> bool:
+    """The shapes and device the kernels take (cuBLASLt wants multiples of 16; _int_mm more than 16 rows)."""
+    k, n = weight.shape[1], weight.shape[0]
+    if os.environ.get(REFERENCE_ENV) == "1" or k % 16 or n % 16:
+        return False
+    if kind == "int8":
+        return x.numel() // k > 16
+    return x.is_cuda or x.device.type == "cpu"
+
+
+def w8a8_linear(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
+    if not _kernel_fits(x, weight, kind):
+        return w8a8_reference(x, weight, w_scale, bias, kind)
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return _compiled_kernel()(x, weight, w_scale, bias, kind)
+    return w8a8_kernel(x, weight, w_scale, bias, kind)
+
+
+def _weight_parts(module) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """The codes, per-row scales and kind of a quanto layer this can run, else None."""
+    weight = getattr(module, "weight", None)
+    data, scale = getattr(weight, "_data", None), getattr(weight, "_scale", None)
+    if not isinstance(data, torch.Tensor) or not isinstance(scale, torch.Tensor):
+        return None
+    if data.dim() != 2 or scale.numel() != data.shape[0]:
+        return None  # grouped (2/4-bit) or per-tensor layouts
+    if getattr(module, "activation_qtype", None) is not None:
+        return None  # quanto's own static activation quantization
+    kind = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}.get(data.dtype)
+    return (data, scale, kind) if kind else None
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _w8a8_class(base: type) -> type:
+    """A subclass of quanto's layer class whose forward is the W8A8 matmul (made once per base class)."""
+    if base not in _SUBCLASSES:
+
+        def forward(self, x):
+            data, scale, kind = _weight_parts(self)
+            return w8a8_linear(x, data, scale, self.bias, kind)
+
+        _SUBCLASSES[base] = type(f"W8A8{base.__name__}", (base,), {"forward": forward, "_w8a8_base": base})
+    return _SUBCLASSES[base]
+
+
+def supports_fp8_matmul(device: torch.device | str) -> bool:
+    """fp8 tensor cores: NVIDIA Ada / Hopper and later (compute capability 8.9+); CPUs run the kernel too."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def enable_compute(model: torch.nn.Module, compute: str, device: torch.device | str = "cpu") -> int:
+    """Switch the quantized Linears of ``model`` that ``compute`` can run to the W8A8 forward; returns how
+    many. ``auto``: fp8 layers where the device has fp8 matmuls, int8 layers on CUDA."""
+    if compute not in COMPUTES:
+        raise QuantError(f"compute={compute!r}; expected one of {', '.join(COMPUTES)}")
+    if compute == "none":
+        return 0
+    device = torch.device(device)
+    count = 0
+    for module in model.modules():
+        parts = _weight_parts(module)
+        if parts is None or hasattr(type(module), "_w8a8_base"):
+            continue
+        kind = parts[2]
+        wanted = compute == kind or (
+            compute == "auto" and device.type == "cuda" and (kind == "int8" or supports_fp8_matmul(device))
+        )
+        if wanted:
+            module.__class__ = _w8a8_class(type(module))
+            count += 1
+    return count
+
+
+def disable_compute(model: torch.nn.Module) -> int:
+    """Put every W8A8 layer back to its weight-only forward; returns how many."""
+    count = 0
+    for module in model.modules():
+        base = getattr(type(module), "_w8a8_base", None)
+        if base is not None:
+            module.__class__ = base
+            count += 1
+    return count

@@ -1,0 +1,168 @@
+"""compute=fp8 / int8: the W8A8 kernels against the pure-torch reference, and the plan setting on a real
+quanto model (switched layers, output close to weight-only, save / reload, refusals)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffusers_quant
+from diffusers_quant.compute import (
+    REFERENCE_ENV,
+    disable_compute,
+    quantize_rows,
+    w8a8_kernel,
+    w8a8_reference,
+)
+from diffusers_quant.errors import PlanRefused, SpecError
+from diffusers_quant.spec import Plan
+
+pytest.importorskip("optimum.quanto")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_the_kernel_matches_the_reference(kind):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 64, generator=gen).to(torch.bfloat16)
+    w = torch.randn(48, 64, generator=gen)
+    if kind == "fp8":
+        codes, scale = quantize_rows(w, "fp8")
+    else:
+        codes, scale = quantize_rows(w, "int8")
+    bias = torch.randn(48, generator=gen).to(torch.bfloat16)
+    ours = w8a8_kernel(x, codes, scale.flatten(), bias, kind)
+    reference = w8a8_reference(x, codes, scale.flatten(), bias, kind)
+    assert ours.shape == (2, 24, 48) and ours.dtype == torch.bfloat16
+    assert _rel(ours, reference) < 1e-2
+    # and both are close to the full-precision product (8-bit activations and weights)
+    exact = x.float() @ w.t() + bias.float()
+    assert _rel(reference, exact) < (6e-2 if kind == "fp8" else 2e-2)
+
+
+@pytest.mark.parametrize("kind, step", [("fp8", 2**-3), ("int8", 0.5)])
+def test_rows_are_quantized_within_half_a_step(kind, step):
+    x = torch.randn(8, 32)
+    codes, scale = quantize_rows(x, kind)
+    back = codes.float() * scale
+    # fp8 e4m3 has 3 mantissa bits: within 2**-4 relative; int8 within half a code
+    err = (back - x).abs() / (x.abs() * step if kind == "fp8" else scale)
+    assert float(err.max()) <= 0.5 + 1e-6
+
+
+def _tiny_flux(folder):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    FluxTransformer2DModel(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        in_channels=16,
+        axes_dims_rope=(4, 6, 6),
+    ).save_pretrained(folder)
+
+
+def _run(model):
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 32, 16, generator=gen),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+        pooled_projections=torch.randn(1, 32, generator=gen),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(32, 3),
+        txt_ids=torch.zeros(8, 3),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize(
+    "spec, compute", [("quanto:qfloat8?min_features=16", "fp8"), ("quanto:qint8?min_features=16", "int8")]
+)
+def test_compute_mode_switches_the_quantized_layers(tmp_path, monkeypatch, spec, compute):
+    from diffusers import FluxTransformer2DModel
+    from optimum.quanto import QLinear
+
+    _tiny_flux(tmp_path / "transformer")
+    diffusers_quant.install()
+    try:
+        plain = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+        weight_only = FluxTransformer2DModel.from_pretrained(
+            tmp_path / "transformer", quant=f"transformer={spec}"
+        )
+        w8a8 = FluxTransformer2DModel.from_pretrained(
+            tmp_path / "transformer", quant=f"transformer={spec};compute={compute}"
+        )
+    finally:
+        diffusers_quant.uninstall()
+    layers = [m for m in w8a8.modules() if isinstance(m, QLinear)]
+    switched = [m for m in layers if type(m).__name__ == "W8A8QLinear"]
+    assert layers and len(switched) == len(layers)
+    row = w8a8.quant_report.components[0]
+    assert row.compute == f"{compute} x{len(layers)}" and f"compute={compute}" in str(w8a8.quant_report)
+    expected = _run(plain)
+    out = _run(w8a8)
+    # activations quantized too: close to the weight-only model, not equal to it
+    assert _rel(out, expected) < 5e-2 and not torch.equal(out, _run(weight_only))
+    # the switch forces the reference, which agrees with the kernel
+    monkeypatch.setenv(REFERENCE_ENV, "1")
+    assert _rel(_run(w8a8), out) < 1e-2
+    monkeypatch.delenv(REFERENCE_ENV)
+    # still a quanto model: it saves in quanto's layout and reloads weight-only
+    w8a8.save_pretrained(tmp_path / "saved")
+    diffusers_quant.install()
+    try:
+        again = FluxTransformer2DModel.from_pretrained(tmp_path / "saved")
+    finally:
+        diffusers_quant.uninstall()
+    assert torch.equal(_run(again), _run(weight_only))
+    assert disable_compute(w8a8) == len(layers)
+    assert torch.equal(_run(w8a8), _run(weight_only))
+    # the same switch on a model loaded weight-only, through the public function
+    assert diffusers_quant.enable_compute(weight_only, compute) == len(layers)
+    assert torch.equal(_run(weight_only), out)
+    assert diffusers_quant.enable_compute(weight_only, "none") == len(layers)
+
+
+def test_a_compute_mode_the_specs_cannot_run_is_refused_before_loading(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    _tiny_flux(tmp_path / "transformer")
+    before = (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    diffusers_quant.install()
+    try:
+        with pytest.raises(PlanRefused, match=r"compute=fp8 runs quanto:qfloat8 layers only; fix: "):
+            FluxTransformer2DModel.from_pretrained(
+                tmp_path / "transformer", quant="transformer=bnb:nf4;compute=fp8"
+            )
+    finally:
+        diffusers_quant.uninstall()
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    with pytest.raises(SpecError, match=r"compute='fp4'; expected one of"):
+        Plan.parse("transformer=quanto:qint8;compute=fp4")
+    assert Plan.parse("transformer=quanto:qint8;compute=int8").compute == "int8"
+    assert "compute=int8" in str(Plan.parse("transformer=quanto:qint8;compute=int8"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_the_cuda_kernel_matches_the_reference(kind):
+    from diffusers_quant.compute import w8a8_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 3072, generator=gen).to(torch.bfloat16).cuda()
+    w = torch.randn(3072 * 4, 3072, generator=gen) * 0.02
+    codes, scale = quantize_rows(w, kind)
+    codes, scale = codes.cuda(), scale.flatten().cuda()
+    bias = torch.randn(3072 * 4, generator=gen).to(torch.bfloat16).cuda()
+    ours = w8a8_linear(x, codes, scale, bias, kind)  # compiled on CUDA
+    reference = w8a8_reference(x, codes, scale, bias, kind)
+    assert _rel(ours, reference) < 1e-2
