@@ -121,11 +121,22 @@ def _detected(pretrained):
 
 
 _PREQUANTIZED_LOADERS = {**dict.fromkeys(FP8_FORMATS, load_fp8_file), NF4_FORMAT: load_nf4_file}
+# A pipeline's from_single_file of a pre-quantized file in progress: (path, its format, the plan). diffusers
+# hands each component the file's tensors as a dict; the denoiser is loaded from the path instead, as what it is.
+_PREQUANTIZED_FILE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "diffusers_quant_prequantized_file", default=None
+)
+_DENOISERS = ("transformer", "unet")
 
 
 def _model_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
-    pretrained = _require_local_file(pretrained)
+    file = _PREQUANTIZED_FILE.get()
     active = ACTIVE_PIPELINE.get()
+    if file is not None and isinstance(pretrained, dict) and kind_of_class(cls) in _DENOISERS:
+        path, detected, plan = file
+        load = Load.create(cls, path, kwargs, plan, active.report if active else None)
+        return _PREQUANTIZED_LOADERS[detected.format](load, path, kwargs, detected, plan)
+    pretrained = _require_local_file(pretrained)
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
     # Pre-quantized files are recognised from their bytes and loaded as they are, whatever the plan says.
     detected = _detected(pretrained)
@@ -220,19 +231,28 @@ def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *a
     return _finish_pipeline(pipe, plan, report)
 
 
+# Where all-in-one files keep the components other than the denoiser (ComfyUI, Forge, the original repos)
+_OTHER_COMPONENT_PREFIXES = (
+    "text_encoders.",
+    "cond_stage_model.",
+    "conditioner.",
+    "first_stage_model.",
+    "vae.",
+)
+
+
 def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
     pretrained = _require_local_file(pretrained)
     detected = _detected(pretrained)
-    if detected is not None and detected.format not in ("safetensors", "fp8", "gguf"):
-        # diffusers would hand each component a dict with the scales left unapplied: a wrong pipeline
-        raise QuantError(
-            f"{pretrained}: {FORMATS[detected.format]}: a pipeline's from_single_file would drop its scales; "
-            "fix: load the model from it with its class (e.g. FluxTransformer2DModel.from_single_file(path, "
-            "config=...)) and pass it to the pipeline's from_pretrained"
-        )
+    prequantized = detected is not None and detected.format in _PREQUANTIZED_LOADERS and detected.loadable
+    if detected is not None and detected.format not in ("safetensors", "gguf") and not prequantized:
+        raise QuantError(f"{pretrained}: {FORMATS[detected.format]}: {detected.detail}")
+    if prequantized:
+        _refuse_scales_outside_the_denoiser(pretrained, detected)
     plan = _call_plan(kwargs) or ambient_plan()
-    if plan is None:
+    if plan is None and not prequantized:
         return original(cls, pretrained, *args, **kwargs)
+    plan = plan or Plan(source="none")
     _refuse_on_load_for_single_files(plan)
     if detected is not None and detected.format == "gguf":
         raise QuantError(
@@ -243,19 +263,44 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
     enforce(plan, _pipeline_components(cls, None, kwargs), whole_pipeline=True)
     report = Report(plan=str(plan), offload=plan.offload)
     # Components are built by the library's converters (some bypass the hooks), so load them all
-    # unquantized with the hooks quiet, then quantize each chosen one module by module.
+    # unquantized with the hooks quiet, then quantize each chosen one module by module. The denoiser of a
+    # pre-quantized file is loaded from the file as what it is (the model hook sees _PREQUANTIZED_FILE).
     token = ACTIVE_PIPELINE.set(PipelineLoad(Plan(), report))
+    file_token = _PREQUANTIZED_FILE.set((pretrained, detected, plan) if prequantized else None)
     try:
         pipe = original(cls, pretrained, *args, **kwargs)
     finally:
+        _PREQUANTIZED_FILE.reset(file_token)
         ACTIVE_PIPELINE.reset(token)
+    done = set(report.names())
     for name, module in pipe.components.items():
         kind = kind_of_class(type(module))
         spec = plan.spec_for(name, kind, pipeline=True) if hasattr(module, "parameters") else None
-        if spec is not None:
+        if spec is not None and name not in done:
             load = Load(type(module), name, kind, None, None, torch.device(plan.device), report)
             quantize_loaded(module, spec, load)
     return _finish_pipeline(pipe, plan, report)
+
+
+def _refuse_scales_outside_the_denoiser(path: str, detected) -> None:
+    """diffusers builds an all-in-one file's text encoders and VAE from its tensors with no notion of
+    scales: a scaled or 4-bit tensor of theirs would load silently wrong, so such a file is refused."""
+    from .detect import COMFY_LAYER_MARKER, FORGE_NF4_MARKERS, looks_like_a_scale, read_safetensors_header
+
+    header = read_safetensors_header(path)
+    marked = [
+        k
+        for k in header.tensors
+        if k.startswith(_OTHER_COMPONENT_PREFIXES)
+        and (looks_like_a_scale(k) or k.endswith(FORGE_NF4_MARKERS + (COMFY_LAYER_MARKER,)))
+    ]
+    if marked:
+        raise QuantError(
+            f"{path}: {FORMATS[detected.format]} with quantized text-encoder or VAE tensors (e.g. {marked[0]}), "
+            "which diffusers would load without their scales; fix: load the transformer from it with its class "
+            "(e.g. FluxTransformer2DModel.from_single_file(path, config=...)) and the other components from "
+            "their bf16 files, then pass them to the pipeline's from_pretrained"
+        )
 
 
 # --- install / uninstall ------------------------------------------------------------------------------

@@ -8,14 +8,17 @@ import json
 import torch
 
 H, MLP, HEAD = 3072, 4 * 3072, 128
+# the outer widths of the demo Flux pipeline (T5 d_model 256, CLIP projection 128, 4 latent channels packed
+# 2x2), so the model also runs inside that pipeline
+IN, JOINT, POOLED = 16, 256, 128
 CONFIG = dict(
-    in_channels=64,
+    in_channels=IN,
     num_layers=1,
     num_single_layers=1,
     attention_head_dim=HEAD,
     num_attention_heads=H // HEAD,
-    joint_attention_dim=64,
-    pooled_projection_dim=64,
+    joint_attention_dim=JOINT,
+    pooled_projection_dim=POOLED,
     guidance_embeds=False,
     axes_dims_rope=(16, 56, 56),
 )
@@ -24,11 +27,11 @@ CONFIG = dict(
 def original_shapes() -> dict[str, tuple[int, ...]]:
     """Flux's original (BFL) keys for CONFIG, as diffusers' converter reads them."""
     shapes = {
-        "img_in": (H, 64),
-        "txt_in": (H, 64),
+        "img_in": (H, IN),
+        "txt_in": (H, JOINT),
         "time_in.in_layer": (H, 256),
         "time_in.out_layer": (H, H),
-        "vector_in.in_layer": (H, 64),
+        "vector_in.in_layer": (H, POOLED),
         "vector_in.out_layer": (H, H),
         "double_blocks.0.img_mod.lin": (6 * H, H),
         "double_blocks.0.txt_mod.lin": (6 * H, H),
@@ -43,7 +46,7 @@ def original_shapes() -> dict[str, tuple[int, ...]]:
         "single_blocks.0.modulation.lin": (3 * H, H),
         "single_blocks.0.linear1": (3 * H + MLP, H),
         "single_blocks.0.linear2": (H, H + MLP),
-        "final_layer.linear": (64, H),
+        "final_layer.linear": (IN, H),
         "final_layer.adaLN_modulation.1": (2 * H, H),
     }
     out = {}
@@ -65,9 +68,9 @@ def write_config(folder) -> None:
 def inputs():
     gen = torch.Generator().manual_seed(1)
     return dict(
-        hidden_states=torch.randn(1, 16, 64, generator=gen).to(torch.bfloat16),
-        encoder_hidden_states=torch.randn(1, 8, 64, generator=gen).to(torch.bfloat16),
-        pooled_projections=torch.randn(1, 64, generator=gen).to(torch.bfloat16),
+        hidden_states=torch.randn(1, 16, IN, generator=gen).to(torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, 8, JOINT, generator=gen).to(torch.bfloat16),
+        pooled_projections=torch.randn(1, POOLED, generator=gen).to(torch.bfloat16),
         timestep=torch.tensor([0.5], dtype=torch.bfloat16),
         img_ids=torch.zeros(16, 3),
         txt_ids=torch.zeros(8, 3),
@@ -78,3 +81,15 @@ def inputs():
 def run(model):
     with torch.no_grad():
         return model(**inputs())[0].float()
+
+
+def pipeline_folder(demo_flux, folder):
+    """The demo Flux pipeline at ``folder`` with this transformer's config (and no transformer weights:
+    they come from the single file)."""
+    import shutil
+
+    shutil.copytree(demo_flux, folder)
+    shutil.rmtree(folder / "transformer")
+    (folder / "transformer").mkdir()
+    write_config(folder / "transformer")
+    return folder

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from flux_original import CONFIG, H
+from flux_original import CONFIG, H, pipeline_folder
 from flux_original import inputs as _inputs
 from flux_original import original_shapes as _original_shapes
 from flux_original import run as _run
@@ -289,17 +289,66 @@ def test_a_path_object_takes_the_fp8_path_too(loaded, config_folder):
     assert isinstance(model.transformer_blocks[0].attn.to_q, QLinear)
 
 
-def test_a_pipeline_from_single_file_of_a_scaled_file_is_refused(loaded):
+def test_a_pipelines_from_single_file_loads_the_transformer_fp8(loaded, flux_path, tmp_path):
+    """FluxPipeline.from_single_file of the file: diffusers builds the pipeline, the transformer comes from
+    the file as it is (the same fp8 bytes as the model-level load), and the pipeline generates."""
+    import numpy as np
+    from diffusers import AutoencoderKL, FluxPipeline
+    from optimum.quanto import QLinear
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    layout, files, model, _ = loaded
+    if layout == "comfy-quant":
+        pytest.skip("two layouts are enough for the pipeline path")
+    folder = pipeline_folder(flux_path, tmp_path / "flux")
+    diffusers_quant.install()
+    try:
+        # the test file holds the transformer only: the others come from the folder (diffusers looks for
+        # a text encoder's weights there under its own file names only, so they are passed in)
+        others = dict(
+            vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16),
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.bfloat16),
+            text_encoder_2=T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=torch.bfloat16),
+        )
+        pipe = FluxPipeline.from_single_file(
+            str(files["path"]), config=str(folder), dtype=torch.bfloat16, **others
+        )
+    finally:
+        diffusers_quant.uninstall()
+    q = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(q, QLinear) and q.weight._data.dtype == torch.float8_e4m3fn
+    expected = model.transformer_blocks[0].attn.to_q.weight._data
+    assert torch.equal(q.weight._data.view(torch.uint8), expected.view(torch.uint8))
+    row = pipe.quant_report["transformer"]
+    assert row.mode == "pre-quantized" and row.spec == "quanto:qfloat8"
+    image = pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_a_pipeline_file_with_scaled_text_encoder_tensors_is_refused(tmp_path):
     from diffusers import FluxPipeline
 
-    layout, files, _, _ = loaded
-    if layout == "fp8":
-        pytest.skip("plain fp8 has no scales to drop: diffusers' upcast is right")
+    path = tmp_path / "all-in-one.safetensors"
+    save_file(
+        {
+            "model.diffusion_model.img_in.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn),
+            "model.diffusion_model.img_in.scale_weight": torch.tensor(1.0),
+            "text_encoders.t5xxl.transformer.encoder.block.0.weight": torch.zeros(
+                4, 4, dtype=torch.float8_e4m3fn
+            ),
+            "text_encoders.t5xxl.transformer.encoder.block.0.scale_weight": torch.tensor(1.0),
+            "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn),
+        },
+        str(path),
+    )
     diffusers_quant.install()
-    with pytest.raises(
-        QuantError, match=r"would drop its scales; fix: load the model from it with its class"
-    ):
-        FluxPipeline.from_single_file(str(files["path"]))
+    try:
+        with pytest.raises(
+            QuantError, match=r"quantized text-encoder or VAE tensors .*fix: load the transformer"
+        ):
+            FluxPipeline.from_single_file(str(path))
+    finally:
+        diffusers_quant.uninstall()
 
 
 def test_scales_of_an_unknown_layout_are_refused(tmp_path, config_folder):

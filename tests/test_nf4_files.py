@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from flux_original import CONFIG, H
+from flux_original import CONFIG, H, pipeline_folder
 from flux_original import original_shapes as _original_shapes
 from flux_original import run as _run
 from safetensors.torch import load_file, save_file
@@ -230,3 +230,35 @@ def test_inspect_names_forges_layout(loaded, capsys):
     assert main(["inspect", str(files["path"])]) == 0
     out = capsys.readouterr().out
     assert "forge-nf4" in out and "nf4" in out
+
+
+def test_a_pipelines_from_single_file_loads_the_transformer_4bit(loaded, flux_path, tmp_path):
+    """FluxPipeline.from_single_file of a Forge file (transformer keys under model.diffusion_model.): the
+    transformer comes from the file as 4-bit layers, the same bytes as the model-level load, and generates."""
+    import numpy as np
+    from diffusers import AutoencoderKL, FluxPipeline
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    layout, files, model, _ = loaded
+    if layout != "v2":
+        pytest.skip("one layout is enough for the pipeline path")
+    folder = pipeline_folder(flux_path, tmp_path / "flux")
+    bf16 = dict(dtype=torch.bfloat16)
+    diffusers_quant.install()
+    try:
+        pipe = FluxPipeline.from_single_file(
+            str(files["path"]),
+            config=str(folder),
+            vae=AutoencoderKL.from_pretrained(folder / "vae", **bf16),
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **bf16),
+            text_encoder_2=T5EncoderModel.from_pretrained(folder / "text_encoder_2", **bf16),
+            **bf16,
+        )
+    finally:
+        diffusers_quant.uninstall()
+    q = pipe.transformer.single_transformer_blocks[0].proj_mlp
+    assert type(q).__name__ == "Linear4bit"
+    assert torch.equal(q.weight.data, model.single_transformer_blocks[0].proj_mlp.weight.data)
+    assert pipe.quant_report["transformer"].spec == "bnb:nf4?double_quant=false"
+    image = pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
