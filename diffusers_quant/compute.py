@@ -51,7 +51,8 @@ def w8a8_reference(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
 def w8a8_kernel(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
     """Per-token quantization and the tensor-core matmul: ``torch._scaled_mm`` / ``torch._int_mm``."""
     shape = x.shape
-    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]), kind)
+    # row-major rows (cuBLASLt takes no other layout; a permuted view can reach a Linear)
+    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]).contiguous(), kind)
     w_scale = w_scale.float().view(1, -1)
     if kind == "fp8":
         # the bias is added in the matmul's epilogue (cuBLASLt takes one in the output dtype)
@@ -85,7 +86,7 @@ def _compiled_kernel():
 def _kernel_fits(x: torch.Tensor, weight: torch.Tensor, kind: str) -> bool:
     """The shapes and device the kernels take (cuBLASLt wants multiples of 16; _int_mm more than 16 rows)."""
     k, n = weight.shape[1], weight.shape[0]
-    if os.environ.get(REFERENCE_ENV) == "1" or k % 16 or n % 16:
+    if os.environ.get(REFERENCE_ENV) == "1" or k % 16 or n % 16 or x.numel() == 0:
         return False
     if kind == "int8":
         return x.numel() // k > 16
@@ -102,12 +103,14 @@ def w8a8_linear(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
 
 def _weight_parts(module) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """The codes, per-row scales and kind of a quanto layer this can run, else None."""
+    if getattr(type(module), "_w8a8_base", type(module)).__name__ != "QLinear":
+        return None  # quanto's layer itself, never a wrapper around one (PEFT's LoRA layers reach its weight)
     weight = getattr(module, "weight", None)
     data, scale = getattr(weight, "_data", None), getattr(weight, "_scale", None)
     if not isinstance(data, torch.Tensor) or not isinstance(scale, torch.Tensor):
         return None
-    if data.dim() != 2 or scale.numel() != data.shape[0]:
-        return None  # grouped (2/4-bit) or per-tensor layouts
+    if data.dim() != 2 or tuple(scale.shape) != (data.shape[0], 1) or getattr(weight, "axis", 0) != 0:
+        return None  # grouped (2/4-bit), per-tensor or per-input-channel layouts
     if getattr(module, "activation_qtype", None) is not None:
         return None  # quanto's own static activation quantization
     kind = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}.get(data.dtype)
@@ -122,10 +125,16 @@ def _w8a8_class(base: type) -> type:
     if base not in _SUBCLASSES:
 
         def forward(self, x):
-            data, scale, kind = _weight_parts(self)
+            parts = _weight_parts(self)
+            if parts is None:  # the weight changed layout since (a repack on a move): weight-only again
+                return base.forward(self, x)
+            data, scale, kind = parts
             return w8a8_linear(x, data, scale, self.bias, kind)
 
-        _SUBCLASSES[base] = type(f"W8A8{base.__name__}", (base,), {"forward": forward, "_w8a8_base": base})
+        name = f"W8A8{base.__name__}"
+        cls = type(name, (base,), {"forward": forward, "_w8a8_base": base, "__module__": __name__})
+        globals()[name] = cls  # importable by name: torch.save / pickle of a switched model work
+        _SUBCLASSES[base] = cls
     return _SUBCLASSES[base]
 
 

@@ -104,6 +104,7 @@ class Load:
     device: torch.device
     report: Report
     compute: str = "none"  # the plan's compute mode, applied to what this load quantizes
+    compute_device: torch.device | None = None  # where the component will run (the plan's device)
     start: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -119,6 +120,7 @@ class Load:
             device=torch.device(plan.device if plan.offload == "none" else "cpu"),
             report=report if report is not None else Report(plan=str(plan), offload=plan.offload),
             compute=plan.compute,
+            compute_device=torch.device(plan.device),
         )
 
     def record(
@@ -140,7 +142,8 @@ class Load:
         if self.compute != "none":
             from .compute import enable_compute
 
-            switched = enable_compute(model, self.compute, self.device)
+            # the device it will run on: an offloaded component rests on the CPU (self.device) meanwhile
+            switched = enable_compute(model, self.compute, self.compute_device or self.device)
             compute = f"{self.compute} x{switched}" if switched else "none"
         self.report.add(
             ComponentReport(
@@ -278,6 +281,10 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
         )
     if plan is None:
         return original(cls, pretrained, *args, **kwargs)
+    if kwargs.get("quantization_config") is not None:  # the app's own: the library quantizes, never twice
+        return load_native(
+            original, Load.create(cls, pretrained, kwargs, plan, report), pretrained, args, kwargs
+        )
     name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
     spec = plan.spec_for(name, kind)
     if spec is None:

@@ -166,3 +166,59 @@ def test_the_cuda_kernel_matches_the_reference(kind):
     ours = w8a8_linear(x, codes, scale, bias, kind)  # compiled on CUDA
     reference = w8a8_reference(x, codes, scale, bias, kind)
     assert _rel(ours, reference) < 1e-2
+
+
+def test_the_kernel_takes_column_major_and_empty_inputs():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=gen)
+    codes, scale = quantize_rows(w, "int8")
+    x = torch.randn(64, 24, generator=gen).to(torch.bfloat16).t()  # a column-major view, as a permute gives
+    assert not x.is_contiguous()
+    from diffusers_quant.compute import w8a8_linear
+
+    assert (
+        _rel(
+            w8a8_linear(x, codes, scale.flatten(), None, "int8"),
+            w8a8_reference(x, codes, scale, None, "int8"),
+        )
+        < 1e-2
+    )
+    for kind in ("fp8", "int8"):
+        c, s = quantize_rows(w, kind)
+        empty = w8a8_linear(torch.zeros(0, 64, dtype=torch.bfloat16), c, s.flatten(), None, kind)
+        assert empty.shape == (0, 32)
+
+
+def test_a_lora_stays_on_through_the_switch_and_the_layers_stay_quantized(tmp_path):
+    import pickle
+
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_quant.contract import quantized_layers
+
+    _tiny_flux(tmp_path / "transformer")
+    diffusers_quant.install()
+    try:
+        model = FluxTransformer2DModel.from_pretrained(
+            tmp_path / "transformer", quant="transformer=quanto:qint8?min_features=16"
+        )
+    finally:
+        diffusers_quant.uninstall()
+    base = _run(model)
+    layers = len(quantized_layers(model))
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in model.named_modules():
+        if name.endswith("attn.to_q") and hasattr(module, "in_features"):
+            state[f"{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g) * 0.3
+            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.3
+    model.load_lora_adapter(state, adapter_name="style", prefix=None)
+    with_lora = _run(model)
+    switched = diffusers_quant.enable_compute(model, "int8")
+    # quanto's layers switch, PEFT's wrappers around them do not (their forward adds the LoRA)
+    assert switched == layers and len(quantized_layers(model)) == layers
+    assert not any(type(m).__name__.startswith("W8A8") and hasattr(m, "lora_A") for m in model.modules())
+    out = _run(model)
+    assert _rel(out, with_lora) < 0.3 * _rel(with_lora, base)
+    cls = next(type(m) for m in model.modules() if type(m).__name__ == "W8A8QLinear")
+    assert pickle.loads(pickle.dumps(cls)) is cls

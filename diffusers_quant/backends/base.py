@@ -82,7 +82,8 @@ class Backend:
 
     def owns(self, module: torch.nn.Module) -> bool:
         """Whether ``module`` is one of this backend's quantized layers."""
-        return type(module).__name__ in self.layer_types
+        # a layer switched to a compute mode (compute.py) is still its base class's layer
+        return getattr(type(module), "_w8a8_base", type(module)).__name__ in self.layer_types
 
     def layer_config(self, module: torch.nn.Module) -> dict | None:
         """JSON description of a quantized layer of this backend (None if ``module`` is not one)."""
