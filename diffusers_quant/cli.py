@@ -1,4 +1,4 @@
-"""``diffusers-quant`` command line: generate | check | quantize | inspect | run."""
+"""``diffusers-quant`` command line: generate | check | quantize | inspect | run | autoload."""
 
 from __future__ import annotations
 
@@ -163,14 +163,35 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """Run a Python script with the hooks installed and the plan in force."""
-    import runpy
+    """Run an app (a script, or -m module) with the hooks installed: the plan from --quant, else
+    DIFFUSERS_QUANT, else the default."""
+    from .plugin import run_app
 
-    from . import install
+    if args.module is None and args.script is None:
+        raise QuantError(
+            "run: give the app's script or -m module.name; e.g. diffusers-quant run app.py --its-args"
+        )
+    target = args.module if args.module is not None else args.script
+    argv = args.script_args
+    settings = dict(mode=args.mode, device=args.device, dtype=args.dtype)
+    return run_app(args.quant, target, argv, module=args.module is not None, settings=settings)
 
-    install(_plan(args))
-    sys.argv = [args.script, *args.script_args]
-    runpy.run_path(args.script, run_name="__main__")
+
+def cmd_autoload(args) -> int:
+    """autoload enable | disable | status: the .pth hook in this environment's site-packages."""
+    from . import plugin
+
+    if args.action == "enable":
+        path = plugin.autoload_enable()
+        print(f"autoload enabled: {path} (active in processes where {plugin.ENV_VAR} is set)")
+    elif args.action == "disable":
+        path = plugin.autoload_disable()
+        print(f"autoload disabled: {path} removed")
+    else:
+        enabled, path = plugin.autoload_status()
+        plan = os.environ.get(plugin.ENV_VAR)
+        print(f"autoload {'enabled' if enabled else 'disabled'}: {path}")
+        print(f"{plugin.ENV_VAR}={plan!r}" if plan else f"{plugin.ENV_VAR} is not set: the hook does nothing")
     return 0
 
 
@@ -456,12 +477,19 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _add_plan_args(p: argparse.ArgumentParser, default_quant: str | None = DEFAULT_QUANT) -> None:
+def _add_plan_args(
+    p: argparse.ArgumentParser, default_quant: str | None = DEFAULT_QUANT, *, from_env: bool = False
+) -> None:
     p.add_argument(
         "--quant",
         default=default_quant,
-        required=default_quant is None,
-        help=f"plan, e.g. 'transformer=bnb:nf4,text_encoder_2=quanto:qint8' (default {DEFAULT_QUANT})",
+        required=default_quant is None and not from_env,
+        help=(
+            f"plan, e.g. 'transformer=bnb:nf4,text_encoder_2=quanto:qint8' (default: $DIFFUSERS_QUANT, else "
+            f"{DEFAULT_QUANT})"
+            if from_env
+            else f"plan, e.g. 'transformer=bnb:nf4,text_encoder_2=quanto:qint8' (default {DEFAULT_QUANT})"
+        ),
     )
     p.add_argument("--mode", choices=("auto", "on-load", "post-load"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: the plan's, else cpu)")
@@ -523,16 +551,55 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path")
     ins.set_defaults(func=cmd_inspect)
 
-    run = sub.add_parser("run", help="run a diffusers app with the hooks installed")
-    _add_plan_args(run, default_quant=None)
-    run.add_argument("script")
+    run = sub.add_parser(
+        "run", help="run a diffusers app with the hooks installed (plan: --quant, else $DIFFUSERS_QUANT)"
+    )
+    _add_plan_args(run, default_quant=None, from_env=True)
+    run.add_argument("-m", dest="module", default=None, help="run a module as __main__ (like python -m)")
+    run.add_argument("script", nargs="?", default=None)
     run.add_argument("script_args", nargs=argparse.REMAINDER)
     run.set_defaults(func=cmd_run)
+
+    auto = sub.add_parser(
+        "autoload", help="install the hooks in every process of this environment where DIFFUSERS_QUANT is set"
+    )
+    auto.add_argument("action", choices=("enable", "disable", "status"))
+    auto.set_defaults(func=cmd_autoload)
     return parser
 
 
+_RUN_VALUE_OPTIONS = ("--quant", "--mode", "--device", "--dtype")
+
+
+def _split_run(argv: list[str]) -> tuple[list[str], str | None, list[str], bool]:
+    """``run``'s own options, then the app (a script, or ``-m module``) and everything after it, which is
+    the app's argv untouched (its ``--flags`` too)."""
+    own, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "-m":
+            return own, argv[i + 1] if i + 1 < len(argv) else None, argv[i + 2 :], True
+        if token in _RUN_VALUE_OPTIONS:
+            own += argv[i : i + 2]
+            i += 2
+        elif token.startswith("-"):
+            own.append(token)  # --quant=..., -h, or a mistake argparse will name
+            i += 1
+        else:
+            return own, token, argv[i + 1 :], False
+    return own, None, [], False
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        own, target, rest, module = _split_run(argv[1:])
+        args = build_parser().parse_args(["run", *own])
+        args.module, args.script, args.script_args = (target, None, rest) if module else (None, target, rest)
+        if module and target is None:
+            args.module = None
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except QuantError as exc:

@@ -14,6 +14,7 @@ given to ``install()`` > the ``DIFFUSERS_QUANT`` environment variable > none.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -40,6 +41,7 @@ from .loading import (
 from .nf4_files import NF4_FORMAT, load_nf4_file
 from .offload import place_model, place_pipeline, planned_maps
 from .pickles import check_pickle, is_pickle_checkpoint
+from .plugin import announce_report
 from .report import Report
 from .rules import enforce, problems
 from .spec import Plan
@@ -200,13 +202,25 @@ def _finish_pipeline(pipe, plan: Plan, report: Report):
     """Report every component (quantized or not) in the pipeline's order, then place the pipeline."""
     loaded = {c.name: c for c in report.components}
     report.components = [
-        loaded.get(name) or component_report(name, module, kind_of_class(type(module)))
+        loaded.get(name)
+        or _own_row(name, module)
+        or component_report(name, module, kind_of_class(type(module)))
         for name, module in pipe.components.items()
         if hasattr(module, "parameters")
     ]
     place_pipeline(pipe, plan)
     pipe.quant_report = report
+    announce_report(report)
     return pipe
+
+
+def _own_row(name: str, module):
+    """The report row of a component loaded on its own through the hooks and passed in, under its name here."""
+    own = getattr(module, "quant_report", None)
+    rows = own.components if own is not None else []
+    if len(rows) != 1:
+        return None
+    return dataclasses.replace(rows[0], name=name)
 
 
 def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *args, **kwargs):
@@ -214,7 +228,12 @@ def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *a
     plan = _call_plan(kwargs) or ambient_plan() or Plan(source="none")
     folder = _local_folder(pretrained)
     components = _pipeline_components(cls, folder, kwargs)
-    found = problems(plan, components, whole_pipeline=True)
+    passed = [
+        Component(name, kind_of_class(type(value)), type(value).__name__)
+        for name, value in kwargs.items()
+        if isinstance(value, torch.nn.Module)
+    ]
+    found = problems(plan, components, whole_pipeline=True, passed=passed)
     if folder is not None:  # a budget below a block's size is refused too, before any weight is read
         try:
             planned_maps(plan, folder, components, kwargs.get("dtype") or kwargs.get("torch_dtype"))

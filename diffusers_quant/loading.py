@@ -14,6 +14,7 @@ from .components import Component, count_linears, fp32_modules, kind_of_class
 from .contract import attach, quantized_layers
 from .errors import QuantError
 from .pickles import check_folder_pickles
+from .plugin import announce
 from .post_load import quantize_model, state_nbytes
 from .report import ComponentReport, Report
 from .rules import enforce
@@ -162,6 +163,7 @@ class Load:
             )
         )
         model.quant_report = self.report
+        announce(self.report[self.name])
         return model
 
 
@@ -226,6 +228,19 @@ def load_foreign(original: Callable, load: Load, method: str, pretrained, args: 
         ) from None
     nbytes = state_nbytes(model)
     return load.record(model, f"{method} (saved)", "pre-quantized", nbytes, 0, count_linears(model))
+
+
+def load_native(original: Callable, load: Load, pretrained, args: tuple, kwargs: dict):
+    """A load given its own ``quantization_config=`` (diffusers' or transformers'): the library quantizes
+    it; the plan's spec is not applied on top, and the report says the app's config won."""
+    config = kwargs["quantization_config"]
+    method = getattr(config, "quant_method", None) or type(config).__name__
+    method = getattr(method, "value", method)
+    model = original(load.cls, pretrained, *args, **kwargs)
+    nbytes = state_nbytes(model)
+    return load.record(
+        model, f"{method} (the app's quantization_config)", "native", nbytes, 0, count_linears(model)
+    )
 
 
 def load_gguf(load: Load, path, kwargs: dict, plan: Plan | None, config=None) -> torch.nn.Module:

@@ -11,7 +11,7 @@ class ComponentReport:
     kind: str
     class_name: str
     spec: str | None
-    mode: str  # on-load, post-load, pre-quantized, or "none" when left in full precision
+    mode: str  # on-load, post-load, pre-quantized, native (the app's quantization_config), or "none"
     bytes_before: int
     bytes_after: int
     layers_quantized: int = 0

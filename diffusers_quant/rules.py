@@ -149,10 +149,17 @@ def verdict(spec: Spec, kind: str, offload: str, device: str) -> Verdict:
     raise AssertionError("RULES must end with a catch-all row")  # internal invariant, not user input
 
 
-def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: bool = False) -> list[str]:
+def problems(
+    plan: Plan,
+    components: Iterable[Component],
+    *,
+    whole_pipeline: bool = False,
+    passed: Iterable[Component] = (),
+) -> list[str]:
     """Every reason ``plan`` cannot run on these components; empty when it can.
 
-    ``whole_pipeline``: the components are a pipeline's (kind words are then component names)."""
+    ``whole_pipeline``: the components are a pipeline's (kind words are then component names).
+    ``passed``: components the caller passed in already loaded (a pattern matching one is not unused)."""
     from .backends import get_backend
     from .backends.gguf import is_file_spec
 
@@ -165,11 +172,12 @@ def problems(plan: Plan, components: Iterable[Component], *, whole_pipeline: boo
         if not torch.cuda.is_available():
             found.append("device=cuda was asked for but no CUDA device is available; fix: use device=cpu")
     if whole_pipeline:
-        names = ", ".join(f"{c.name} ({c.kind})" for c in components)
+        every = [*components, *passed]
+        names = ", ".join(f"{c.name} ({c.kind})" for c in every)
         unused = [
             p
             for p, _ in plan.entries
-            if not any(pattern_matches(p, c.name, c.kind, pipeline=True) for c in components)
+            if not any(pattern_matches(p, c.name, c.kind, pipeline=True) for c in every)
         ]
         if unused:
             found.append(

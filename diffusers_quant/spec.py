@@ -13,7 +13,6 @@ its own, by kind: in a pipeline ``text_encoder`` is the component of that name, 
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import json
 import math
@@ -202,6 +201,8 @@ def in_pipeline_load() -> bool:
 def _refuse_non_spec(key: str, value: str, *, setting_position: bool) -> None:
     """``key=value`` where value is no spec: after a ';', or with a key close to a setting's name, the key
     is a misspelt setting; otherwise the value is a bad spec (Spec.parse says how)."""
+    import difflib  # only for a misspelt setting: kept off the import path of every process
+
     close = difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.6)
     if close or setting_position:
         hint = f"; did you mean {close[0]!r}?" if close else ""

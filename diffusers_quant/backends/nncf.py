@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..errors import SpecError
 from .base import Backend
 
 if TYPE_CHECKING:
+    import torch
+
     from ..spec import Spec
 
 
@@ -78,6 +78,8 @@ class NncfBackend(Backend):
         return NNCFLinear.empty(**config, dtype=dtype, device="meta", compute_dtype=compute_dtype)
 
     def dequantize_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        import torch
+
         return module.dequantize(torch.float32)
 
     def spec_of(self, module: torch.nn.Module) -> Spec:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-import torch
-
 from .base import Backend
 
 if TYPE_CHECKING:
+    import torch
+
     from ..spec import Spec
 
 _QTYPE_NAMES = {"qint8": "qint8", "qint4": "qint4", "qint2": "qint2", "qfloat8": "qfloat8"}
@@ -63,6 +63,8 @@ class QuantoBackend(Backend):
         compute_dtype: torch.dtype,
         device: torch.device | str | None = None,
     ) -> torch.nn.Module:
+        import torch
+
         self.require()
         from optimum import quanto
 
@@ -106,6 +108,8 @@ class QuantoBackend(Backend):
             return QuantoConfig(weights_dtype=weights, modules_to_not_convert=skip)
 
     def layer_from_state(self, tensors, config, dtype, compute_dtype, device):
+        import torch
+
         self.require()
         from optimum import quanto
 
@@ -131,6 +135,8 @@ class QuantoBackend(Backend):
         return layer.to(device)
 
     def dequantize_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        import torch
+
         return module.weight.data.dequantize().to(torch.float32)
 
     def spec_of(self, module: torch.nn.Module) -> Spec:
@@ -149,6 +155,8 @@ def _library_weights(qtype_name: str) -> str | None:
 def _saved_qtype(tensors: dict[str, torch.Tensor]) -> str:
     """quanto's qtype from a saved layer's tensors: packed data means 2 or 4 bits (from the packing
     ratio), else the data's dtype."""
+    import torch
+
     if "weight._data._data" in tensors:
         rows = tensors["weight._data._data"].shape[0]
         groups = tensors["weight._scale"].shape[0]
@@ -204,6 +212,7 @@ def quantize_in_row_blocks(
     result equals the matching rows of the whole-weight result. All types keep quanto's portable layout
     (see the module doc for why not its GPU kernels' layouts).
     """
+    import torch
     from optimum.quanto.tensor.weights import quantize_weight
 
     device = torch.device(device) if device is not None else weight.device
@@ -255,6 +264,8 @@ class _BlockPacker:
     """
 
     def __init__(self, rows: int, width: int, bits: int, device: torch.device):
+        import torch
+
         self.rows, self.width, self.bits = rows, width, bits
         self.per_byte = 8 // bits
         self.packed_rows = -(-rows // self.per_byte)
@@ -312,6 +323,8 @@ def portable_class(bits: int = 4) -> type:
 def _portable_subclass(base: type, rebuild, to_base: str) -> type:
     """``base`` with device moves that keep the inner tensors' layout; ``rebuild(cls, t, inner)`` makes a
     ``cls`` from ``t``'s metadata and new inner tensors, ``to_base`` names quanto's convert-back method."""
+
+    import torch
 
     class Portable(base):
         @staticmethod
