@@ -274,22 +274,30 @@ def cmd_quantize(args) -> int:
 _FILE_SUFFIXES = (".gguf", ".safetensors")
 
 
-def _write_fp8(args, dtype) -> int:
-    """--quant fp8: one ComfyUI scaled fp8 file, in the model's original key layout."""
-    from .fp8_files import write_scaled_fp8
+def _single_file_target(args, quant: str, what: str, suffix: str):
+    """(--out, the model class, its folder, its component name) for a single-file writer, everything that
+    can refuse checked before the model is loaded."""
     from .layouts import require_original_layout
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors" or out.is_dir():
         raise QuantError(
-            f"--out {str(out)!r}: --quant fp8 writes one safetensors file; fix: e.g. --out "
-            f"{out.with_suffix('').name}-fp8.safetensors"
+            f"--out {str(out)!r}: --quant {quant} writes {what}; fix: e.g. --out "
+            f"{out.with_suffix('').name}-{suffix}.safetensors"
         )
     if not os.path.exists(args.model):
         raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
-    folder, _ = _component_folder(args.model, args.component)
+    folder, name = _component_folder(args.model, args.component)
     cls = _model_class(folder)
-    require_original_layout(cls.__name__, "fp8")  # before the model is loaded
+    require_original_layout(cls.__name__, quant)
+    return out, cls, folder, name
+
+
+def _write_fp8(args, dtype) -> int:
+    """--quant fp8: one ComfyUI scaled fp8 file, in the model's original key layout."""
+    from .fp8_files import write_scaled_fp8
+
+    out, cls, folder, _ = _single_file_target(args, "fp8", "one safetensors file", "fp8")
     written = write_scaled_fp8(cls.from_pretrained(folder, dtype=dtype), str(out))
     print(f"wrote {out} (ComfyUI scaled fp8): {_tally(written.elements())}")
     return 0
@@ -298,20 +306,9 @@ def _write_fp8(args, dtype) -> int:
 def _write_forge(args, spec, dtype) -> int:
     """--quant bnb:nf4 (or fp4) --out FILE.safetensors: one Forge 4-bit file, in the model's original key
     layout."""
-    from .layouts import require_original_layout
     from .nf4_files import write_forge_nf4
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".safetensors" or out.is_dir():
-        raise QuantError(
-            f"--out {str(out)!r}: --quant {spec} writes one Forge safetensors file; fix: e.g. --out "
-            f"{out.with_suffix('').name}-{spec.qtype}.safetensors"
-        )
-    if not os.path.exists(args.model):
-        raise QuantError(f"{args.model!r} does not exist; give a pipeline folder or a model folder")
-    folder, name = _component_folder(args.model, args.component)
-    cls = _model_class(folder)
-    require_original_layout(cls.__name__, str(spec))  # before the model is loaded
+    out, cls, folder, name = _single_file_target(args, str(spec), "one Forge safetensors file", spec.qtype)
     from . import install
     from .components import Component, kind_of_class
     from .rules import enforce

@@ -76,6 +76,29 @@ def convert_checkpoint(
             ) from None
 
 
+def check_layer_shape(path: str, model, layer: str, shape: tuple[int, int]) -> torch.nn.Module:
+    """The Linear ``layer`` of ``model``, refused when the file's weight for it has another ``shape``."""
+    linear = model.get_submodule(layer)
+    if tuple(shape) != (linear.out_features, linear.in_features):
+        raise QuantError(
+            f"{path}: {layer}.weight is {tuple(shape)} in the file, {type(model).__name__} wants "
+            f"{(linear.out_features, linear.in_features)}; fix: give the config of the model this file holds"
+        )
+    return linear
+
+
+def swap_in(model, layer: str, backend, tensors: dict, dtype) -> None:
+    """Replace the Linear ``layer`` by ``backend``'s layer built from its saved ``tensors`` (the Linear's
+    bias added), computing in ``dtype``."""
+    linear = model.get_submodule(layer)
+    if linear.bias is not None:
+        tensors["bias"] = linear.bias.data
+    config = {"in_features": linear.in_features, "out_features": linear.out_features}
+    built = backend.layer_from_state(tensors, config, dtype, dtype, "cpu")
+    parent, _, attr = layer.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, built)
+
+
 def nbytes_at(model: torch.nn.Module, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     return sum(

@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 
 from .components import Component, count_linears, fp32_modules
-from .convert import convert_checkpoint, model_config, nbytes_at
+from .convert import check_layer_shape, convert_checkpoint, model_config, nbytes_at, swap_in
 from .detect import COMFY_LAYER_MARKER, COMFY_SCALED_MARKER, Detected, looks_like_a_scale
 from .errors import QuantError
 from .layouts import ORIGINAL_LAYOUTS, require_original_layout
@@ -88,12 +88,7 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
             f"(e.g. {', '.join(missing[:3])}); fix: give the config of the model this file holds (config=)"
         )
     for layer, (data, rows) in fp8_layers.items():
-        linear = model.get_submodule(layer)
-        if tuple(data.shape) != (linear.out_features, linear.in_features):
-            raise QuantError(
-                f"{path}: {layer}.weight is {tuple(data.shape)} in the file, {load.cls.__name__} wants "
-                f"{(linear.out_features, linear.in_features)}; fix: give the config of the model this file holds"
-            )
+        check_layer_shape(path, model, layer, tuple(data.shape))
         # quanto's activation scales stay at 1: the weight is upcast per layer, activations are not quantized
         tensors = {
             "weight._data": data,
@@ -102,17 +97,7 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
             "input_scale": torch.ones((), dtype=dtype),
             "output_scale": torch.ones((), dtype=dtype),
         }
-        if linear.bias is not None:
-            tensors["bias"] = linear.bias.data
-        built = quanto.layer_from_state(
-            tensors,
-            {"in_features": linear.in_features, "out_features": linear.out_features},
-            dtype,
-            dtype,
-            "cpu",
-        )
-        parent, _, attr = layer.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, built)
+        swap_in(model, layer, quanto, tensors, dtype)
     model.to(load.device).eval()
     load.folder = None
     if not fp8_layers:

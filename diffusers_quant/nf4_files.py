@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .components import Component, count_linears, fp32_modules
-from .convert import CarryRows, convert_checkpoint, model_config, nbytes_at
+from .convert import CarryRows, check_layer_shape, convert_checkpoint, model_config, nbytes_at, swap_in
 from .detect import Detected
 from .errors import QuantError
 from .layouts import ORIGINAL_LAYOUTS, require_original_layout
@@ -253,25 +253,8 @@ def load_nf4_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
             f"(e.g. {', '.join(missing[:3])}); fix: give the config of the model this file holds (config=)"
         )
     for layer, packed in layers.items():
-        linear = model.get_submodule(layer)
-        if (packed.rows, packed.cols) != (linear.out_features, linear.in_features):
-            raise QuantError(
-                f"{path}: {layer}.weight is {(packed.rows, packed.cols)} in the file, {load.cls.__name__} "
-                f"wants {(linear.out_features, linear.in_features)}; fix: give the config of the model this "
-                "file holds"
-            )
-        tensors = packed.serialised("weight", dtype)
-        if linear.bias is not None:
-            tensors["bias"] = linear.bias.data
-        built = bnb.layer_from_state(
-            tensors,
-            {"in_features": linear.in_features, "out_features": linear.out_features},
-            dtype,
-            dtype,
-            "cpu",
-        )
-        parent, _, attr = layer.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, built)
+        check_layer_shape(path, model, layer, (packed.rows, packed.cols))
+        swap_in(model, layer, bnb, packed.serialised("weight", dtype), dtype)
     model.to(load.device).eval()
     load.folder = None
     if not layers:
