@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 
@@ -106,8 +107,9 @@ class Spec:
         return cls.create(backend.name, qtype, **options)
 
     @classmethod
-    def create(cls, backend: str, qtype: str, **options: object) -> Spec:
-        """Build a validated Spec; unknown backends, qtypes and options raise SpecError naming the choices."""
+    def create(cls, backend: str, qtype: str, /, **options: object) -> Spec:
+        """Build a validated Spec; unknown backends, qtypes and options, and option values out of range,
+        raise SpecError naming the choices. (An option called ``backend`` or ``qtype`` is just unknown.)"""
         from .backends import get_backend
 
         impl = get_backend(backend)
@@ -119,6 +121,11 @@ class Spec:
                     f"unknown option {key!r} for backend {impl.name!r}; expected one of {choices(known)}"
                 )
         opts = tuple(sorted((k, _option_text(v)) for k, v in options.items()))
+        for key, value in opts:
+            problem = impl.option_problem(key, value)
+            if problem:
+                spec_text = f"{impl.name}:{qtype}?{key}={value}"
+                raise SpecError(f"option {key}={value!r} in {spec_text}: {problem}")
         return cls(impl.name, qtype, opts)
 
     def option(self, key: str, default: str | None = None) -> str | None:
@@ -239,6 +246,10 @@ class Plan:
             raise SpecError(f"unknown mode {self.mode!r}; expected one of {choices(MODES)}")
         if self.offload not in OFFLOADS:
             raise SpecError(f"unknown offload {self.offload!r}; expected one of {choices(OFFLOADS)}")
+        device = str(self.device)
+        if not re.fullmatch(r"(cpu|cuda|mps|xpu|npu|hpu)(:\d+)?", device):
+            hint = f"; did you mean {device.strip().lower()!r}?" if device.strip().lower() != device else ""
+            raise SpecError(f"device={device!r}; expected cpu, cuda or cuda:N{hint}")
         if self.compute not in COMPUTES:
             raise SpecError(
                 f"compute={self.compute!r}; expected one of {choices(COMPUTES)} (fp8 runs quanto:qfloat8 "
@@ -338,6 +349,12 @@ class Plan:
         if isinstance(value, str):
             return cls.parse(value, source=source)
         if isinstance(value, dict):
+            bad = [k for k in value if not isinstance(k, str) or not k.strip()]
+            if bad:
+                raise SpecError(
+                    f"plan keys must be component names or patterns (strings), not {bad[0]!r}; e.g. "
+                    "{'transformer': 'bnb:nf4'}"
+                )
             entries = tuple(
                 (k, v if isinstance(v, Spec) or v is None else Spec.parse(str(v))) for k, v in value.items()
             )

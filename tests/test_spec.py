@@ -168,3 +168,36 @@ def test_seeded_random_plans_parse_and_round_trip_or_name_the_problem():
         parsed += 1
         assert Plan.parse(str(plan)) == plan, text
     assert parsed > 20  # the generator does reach valid plans
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "transformer=quanto:qint8?min_features=abc",
+            r"option min_features='abc' .*expected a whole number >= 1",
+        ),
+        ("transformer=bnb:nf4?blocksize=7", r"option blocksize='7' .*expected one of 64, 128, 256"),
+        ("transformer=bnb:nf4?double_quant=maybe", r"option double_quant='maybe' .*expected true or false"),
+        ("transformer=bnb:int8?threshold=-1", r"option threshold='-1' .*expected a number >= 0"),
+        ("transformer=bnb:nf4?compute_dtype=fp8", r"unknown dtype 'fp8'"),
+        ("transformer=nncf:int4?group_size=0", r"option group_size='0' .*expected a positive integer or -1"),
+        ("transformer=bnb:nf4?backend=x", r"unknown option 'backend' for backend 'bnb'"),
+        ("transformer=bnb:nf4?qtype=x", r"unknown option 'qtype' for backend 'bnb'"),
+        (
+            "transformer=bnb:nf4;device=CPU",
+            r"device='CPU'; expected cpu, cuda or cuda:N; did you mean 'cpu'\?",
+        ),
+        ("transformer=bnb:nf4;device=gpu0", r"device='gpu0'; expected cpu, cuda or cuda:N"),
+    ],
+)
+def test_option_values_and_devices_are_checked_when_the_plan_is_parsed(text, message):
+    """Issue 14, finding 3: these passed `check` and failed mid-load with raw errors."""
+    with pytest.raises(SpecError, match=message):
+        Plan.parse(text)
+
+
+def test_a_plan_mapping_needs_string_keys():
+    with pytest.raises(SpecError, match=r"plan keys must be component names or patterns \(strings\), not 1"):
+        Plan.coerce({1: "bnb:nf4"})
+    assert Plan.coerce({"transformer": "bnb:nf4?blocksize=128"}).entries[0][1].option("blocksize") == "128"

@@ -59,6 +59,15 @@ class Backend:
     def option_names(self) -> set[str]:
         return set(COMMON_OPTIONS) | set(self.options)
 
+    def option_problem(self, key: str, value: str) -> str | None:
+        """Why ``value`` is no good for option ``key`` (and what is), or None: checked when a plan is parsed,
+        so a bad value never reaches the middle of a load."""
+        if key == "min_features":
+            return None if value.isdigit() and int(value) >= 1 else "expected a whole number >= 1, e.g. 64"
+        if key in ("include", "exclude"):
+            return None if value.strip("|") else "expected layer-name patterns separated by '|'"
+        return None
+
     def bytes_per_param(self, spec: Spec) -> float:
         """Planning estimate of stored bytes per quantized weight, scales included."""
         raise NotImplementedError

@@ -75,6 +75,10 @@ def _quiet_bitsandbytes() -> None:
 _quiet_bitsandbytes()
 
 
+# the block sizes bitsandbytes' 4-bit quantization takes
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
 class BnbBackend(Backend):
     name = "bnb"
     module = "bitsandbytes"
@@ -89,6 +93,31 @@ class BnbBackend(Backend):
         "threshold": "int8: outlier threshold of LLM.int8 (default 6.0; 0 disables outlier handling)",
         "compute_dtype": "4-bit: dtype of the matmul (default: the load's dtype)",
     }
+
+    def option_problem(self, key: str, value: str) -> str | None:
+        from ..spec import normalize_dtype, parse_flag
+
+        if key == "double_quant":
+            return None if parse_flag(value) is not None else "expected true or false"
+        if key == "blocksize":
+            ok = value.isdigit() and int(value) in BLOCKSIZES
+            return (
+                None
+                if ok
+                else f"expected one of {', '.join(map(str, BLOCKSIZES))} (bitsandbytes' 4-bit blocks)"
+            )
+        if key == "threshold":
+            try:
+                return None if float(value) >= 0 else "expected a number >= 0, e.g. 6.0"
+            except ValueError:
+                return "expected a number >= 0, e.g. 6.0"
+        if key == "compute_dtype":
+            try:
+                normalize_dtype(value)
+            except SpecError as e:
+                return str(e)
+            return None
+        return super().option_problem(key, value)
 
     def bytes_per_param(self, spec: Spec) -> float:
         if spec.qtype == "int8":

@@ -32,6 +32,12 @@ class NncfBackend(Backend):
     saves = True
     layer_types = ("NNCFLinear",)
 
+    def option_problem(self, key: str, value: str) -> str | None:
+        if key == "group_size":
+            ok = value.strip() == "-1" or (value.strip().isdigit() and int(value) > 0)
+            return None if ok else "expected a positive integer or -1"
+        return super().option_problem(key, value)
+
     def group_size(self, spec: Spec) -> int:
         value = spec.option("group_size", "64")
         try:

@@ -197,6 +197,8 @@ class GGUFFile:
 def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     """Memory-map and validate a GGUF file; raises ``GGUFError`` naming the file and the problem."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise GGUFError(f"{path}: is a folder, not a GGUF file; fix: give the path of the .gguf file")
     try:
         size = os.path.getsize(path)
     except OSError as e:

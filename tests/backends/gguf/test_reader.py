@@ -323,3 +323,8 @@ def test_random_corruption_never_crashes(small):
             for info in f.tensors:
                 assert info.offset + info.nbytes <= len(corrupt)
                 f.raw(info)
+
+
+def test_a_folder_is_named_not_opened(tmp_path):
+    """Issue 14, finding 8: a folder gave IsADirectoryError."""
+    _expect_error(tmp_path, "is a folder, not a GGUF file; fix: give the path of the .gguf file")
