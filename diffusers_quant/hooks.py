@@ -160,11 +160,23 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
 def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Component]:
     """The pipeline's components from model_index.json (or the class signature), reading no weights."""
     entries: dict[str, tuple[str, str]] = {}
-    if folder and os.path.isfile(os.path.join(folder, "model_index.json")):
-        with open(os.path.join(folder, "model_index.json")) as f:
-            for name, value in json.load(f).items():
-                if isinstance(value, list) and len(value) == 2 and value[0] and value[1]:
-                    entries[name] = (value[0], value[1])
+    index = os.path.join(folder, "model_index.json") if folder else None
+    if index and os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                parsed = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise QuantError(
+                f"{index}: not a readable model_index.json ({type(e).__name__}); fix: re-download or re-save "
+                "the pipeline"
+            ) from None
+        if not isinstance(parsed, dict):
+            raise QuantError(
+                f"{index}: not a model_index.json (a JSON {type(parsed).__name__}, not an object)"
+            )
+        for name, value in parsed.items():
+            if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) and v for v in value):
+                entries[name] = (value[0], value[1])
     else:
         for name, param in inspect.signature(cls.__init__).parameters.items():
             ann = str(param.annotation)
@@ -181,14 +193,23 @@ def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Co
     return components
 
 
+# The libraries whose classes a model_index.json may name here. Any other library (a custom pipeline's own
+# module, or a hostile entry such as ["os", "system"]) is never imported by the hooks: its kind is read from
+# the class name, and diffusers makes of it what it does.
+_LIBRARIES = ("diffusers", "transformers")
+
+
 def _import_class(library: str, class_name: str):
-    for module in (library, "diffusers", "transformers"):
-        if not module:
+    if not class_name.isidentifier():
+        return None
+    for module in (library, *_LIBRARIES):
+        if module not in _LIBRARIES:
             continue
         try:
-            return getattr(importlib.import_module(module), class_name)
+            found = getattr(importlib.import_module(module), class_name)
         except (ImportError, AttributeError):
             continue
+        return found if isinstance(found, type) else None
     return None
 
 

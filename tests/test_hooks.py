@@ -167,3 +167,43 @@ def test_on_load_refused_for_bin_weights(tmp_path, flux_path):
         )
     auto = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", quant="transformer=bnb:nf4")
     assert auto.quant_report["transformer"].mode == "post-load"
+
+
+def test_a_hostile_model_index_entry_is_left_to_diffusers(flux_path, tmp_path):
+    """Issue 14, finding 7: ``"unet": ["os", "system"]`` gave "issubclass() arg 1 must be a class"; the hooks
+    import only diffusers' and transformers' names, so the pipeline loads as plain diffusers loads it."""
+    import json
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path / "flux"
+    shutil.copytree(flux_path, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps({**index, "unet": ["os", "system"], "x": ["..", "y"]})
+    )
+    diffusers_quant.install("transformer=bnb:nf4")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder)
+    finally:
+        diffusers_quant.uninstall()
+    assert pipe.quant_report["transformer"].spec == "bnb:nf4"
+
+
+def test_a_damaged_model_index_is_named(flux_path, tmp_path):
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path / "flux"
+    shutil.copytree(flux_path, folder)
+    for text, message in (("{", "not a readable model_index.json"), ("[1, 2]", "a JSON list, not an object")):
+        (folder / "model_index.json").write_text(text)
+        diffusers_quant.install("transformer=bnb:nf4")
+        try:
+            with pytest.raises(QuantError, match=rf"model_index.json: .*{message}"):
+                DiffusionPipeline.from_pretrained(folder)
+        finally:
+            diffusers_quant.uninstall()
+        assert (folder / "model_index.json").read_text() == text
