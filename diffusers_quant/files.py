@@ -4,9 +4,12 @@ mkdtemp (0600 / 0700) or libraries that write 0600, and what they leave behind s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
+
+from .errors import QuantError
 
 
 def normal_mode(directory: bool = False) -> int:
@@ -33,3 +36,23 @@ def replacing(path: str) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def read_json_object(path, what: str = "JSON config") -> dict | None:
+    """The JSON object in ``path`` (None when there is no such file); a damaged one is a QuantError naming
+    the file and ``what`` it should be."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            parsed = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise QuantError(
+            f"{path}: not a readable {what} ({type(exc).__name__}: {str(exc)[:200]}); fix: re-save or "
+            "re-download it"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise QuantError(
+            f"{path}: damaged {what} (a JSON {type(parsed).__name__}, not an object); fix: re-save it"
+        )
+    return parsed

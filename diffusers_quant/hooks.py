@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import importlib
 import inspect
-import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import torch
 from .components import Component, kind_of_class
 from .detect import FORMATS, detect_file
 from .errors import PlanRefused, QuantError
+from .files import read_json_object
 from .fp8_files import FP8_FORMATS, load_fp8_file
 from .loading import (
     ACTIVE_PIPELINE,
@@ -160,20 +160,10 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
 def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Component]:
     """The pipeline's components from model_index.json (or the class signature), reading no weights."""
     entries: dict[str, tuple[str, str]] = {}
-    index = os.path.join(folder, "model_index.json") if folder else None
-    if index and os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                parsed = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise QuantError(
-                f"{index}: not a readable model_index.json ({type(e).__name__}); fix: re-download or re-save "
-                "the pipeline"
-            ) from None
-        if not isinstance(parsed, dict):
-            raise QuantError(
-                f"{index}: not a model_index.json (a JSON {type(parsed).__name__}, not an object)"
-            )
+    parsed = (
+        read_json_object(os.path.join(folder, "model_index.json"), "model_index.json") if folder else None
+    )
+    if parsed is not None:
         for name, value in parsed.items():
             if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) and v for v in value):
                 entries[name] = (value[0], value[1])

@@ -11,7 +11,6 @@ and the layer map in the config: plain loaders refuse that by name, so a silent 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ import torch
 from .components import fp32_modules, get_submodule_parent
 from .contract import OURS, attach, quantized_layers
 from .errors import QuantError
-from .files import normal_mode
+from .files import normal_mode, read_json_object
 from .streaming import build_empty, find_safetensors, header_keys
 
 NATIVE_METHODS = {"bitsandbytes": "bnb", "quanto": "quanto"}
@@ -75,22 +74,7 @@ def _normal_permissions(folder: Path) -> None:
 
 
 def _config_json(folder: Path) -> dict | None:
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise QuantError(
-            f"{path}: not a readable JSON config ({type(exc).__name__}: {str(exc)[:200]}); fix: re-save or "
-            "re-download it"
-        ) from None
-    if not isinstance(config, dict):
-        raise QuantError(
-            f"{path}: damaged config (a JSON {type(config).__name__}, not an object); fix: re-save it"
-        )
-    return config
+    return read_json_object(folder / "config.json", "JSON config")
 
 
 def foreign_method(folder: str | os.PathLike | None) -> str | None:
