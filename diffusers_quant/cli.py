@@ -481,12 +481,8 @@ def _add_plan_args(
         "--quant",
         default=default_quant,
         required=default_quant is None and not from_env,
-        help=(
-            f"plan, e.g. 'transformer=bnb:nf4,text_encoder_2=quanto:qint8' (default: $DIFFUSERS_QUANT, else "
-            f"{DEFAULT_QUANT})"
-            if from_env
-            else f"plan, e.g. 'transformer=bnb:nf4,text_encoder_2=quanto:qint8' (default {DEFAULT_QUANT})"
-        ),
+        help=f"plan, e.g. 'transformer=bnb:nf4,text_encoder_2=quanto:qint8' (default "
+        f"{'$DIFFUSERS_QUANT, else ' if from_env else ''}{DEFAULT_QUANT})",
     )
     p.add_argument("--mode", choices=("auto", "on-load", "post-load"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: the plan's, else cpu)")
@@ -593,8 +589,6 @@ def main(argv: list[str] | None = None) -> int:
         own, target, rest, module = _split_run(argv[1:])
         args = build_parser().parse_args(["run", *own])
         args.module, args.script, args.script_args = (target, None, rest) if module else (None, target, rest)
-        if module and target is None:
-            args.module = None
     else:
         args = build_parser().parse_args(argv)
     try:

@@ -76,27 +76,56 @@ def convert_checkpoint(
             ) from None
 
 
-def check_layer_shape(path: str, model, layer: str, shape: tuple[int, int]) -> torch.nn.Module:
-    """The Linear ``layer`` of ``model``, refused when the file's weight for it has another ``shape``."""
-    linear = model.get_submodule(layer)
-    if tuple(shape) != (linear.out_features, linear.in_features):
-        raise QuantError(
-            f"{path}: {layer}.weight is {tuple(shape)} in the file, {type(model).__name__} wants "
-            f"{(linear.out_features, linear.in_features)}; fix: give the config of the model this file holds"
+def finish_load(
+    load,
+    model,
+    path: str,
+    plan,
+    spec,
+    backend,
+    plain: dict,
+    layers: dict[str, tuple[tuple[int, int], dict]],
+    bytes_before: int,
+):
+    """The end of a single-file load: ``plain`` tensors into ``model``, each quantized Linear in ``layers``
+    (layer -> (the file's weight shape, the tensors ``backend`` builds its layer from)) swapped in, the rules
+    for ``spec`` enforced first, and the load recorded (``bytes_before``: the model at the load dtype). A tensor the model wants and the file lacks is an
+    error naming the fix."""
+    from .components import Component, count_linears
+    from .rules import enforce
+    from .spec import Plan
+
+    if layers:  # (a VAE read out of an all-in-one file has no quantized layers, and no rules to meet)
+        enforce(
+            Plan(entries=((load.name, spec),), offload=plan.offload, device=plan.device),
+            [Component(load.name, load.kind, load.cls.__name__)],
         )
-    return linear
-
-
-def swap_in(model, layer: str, backend, tensors: dict, dtype) -> None:
-    """Replace the Linear ``layer`` by ``backend``'s layer built from its saved ``tensors`` (the Linear's
-    bias added), computing in ``dtype``."""
-    linear = model.get_submodule(layer)
-    if linear.bias is not None:
-        tensors["bias"] = linear.bias.data
-    config = {"in_features": linear.in_features, "out_features": linear.out_features}
-    built = backend.layer_from_state(tensors, config, dtype, dtype, "cpu")
-    parent, _, attr = layer.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, built)
+    result = model.load_state_dict(plain, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k.removesuffix(".weight") not in layers]
+    if missing:
+        raise QuantError(
+            f"{path}: the file has no weights for {len(missing)} of {load.cls.__name__}'s tensors "
+            f"(e.g. {', '.join(missing[:3])}); fix: give the config of the model this file holds (config=)"
+        )
+    dtype = load.dtype or torch.float32
+    for layer, (shape, tensors) in layers.items():
+        linear = model.get_submodule(layer)
+        if tuple(shape) != (linear.out_features, linear.in_features):
+            raise QuantError(
+                f"{path}: {layer}.weight is {tuple(shape)} in the file, {type(model).__name__} wants "
+                f"{(linear.out_features, linear.in_features)}; fix: give the config of the model this file holds"
+            )
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias.data
+        config = {"in_features": linear.in_features, "out_features": linear.out_features}
+        built = backend.layer_from_state(tensors, config, dtype, dtype, "cpu")
+        parent, _, attr = layer.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, built)
+    model.to(load.device).eval()
+    load.folder = None
+    if not layers:
+        return model
+    return load.record(model, spec, "pre-quantized", bytes_before, len(layers), count_linears(model))
 
 
 def nbytes_at(model: torch.nn.Module, dtype: torch.dtype) -> int:

@@ -19,12 +19,11 @@ from collections import Counter
 
 import torch
 
-from .components import Component, count_linears, fp32_modules
-from .convert import check_layer_shape, convert_checkpoint, model_config, nbytes_at, swap_in
+from .components import fp32_modules
+from .convert import convert_checkpoint, finish_load, model_config, nbytes_at
 from .detect import COMFY_LAYER_MARKER, COMFY_SCALED_MARKER, Detected, looks_like_a_scale
 from .errors import QuantError
 from .layouts import ORIGINAL_LAYOUTS, require_original_layout
-from .rules import enforce
 from .spec import Plan, Spec
 
 FP8_FORMATS = ("fp8", "comfy-scaled-fp8", "comfy-quant")
@@ -74,35 +73,22 @@ def load_fp8_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
             fp8_layers[layer] = (data, rows)
         else:  # a float8 tensor that is no Linear's weight: dequantized, as the file's scale says
             plain[key] = (data.float() * rows.view(-1, *[1] * (data.dim() - 1))).to(target)
-    if fp8_layers:  # the rules for quanto fp8 layers (a VAE read out of an all-in-one file has none)
-        enforce(
-            Plan(entries=((load.name, SPEC),), offload=plan.offload, device=plan.device),
-            [Component(load.name, load.kind, load.cls.__name__)],
-        )
     # (scales of layouts not known here were refused by _sources, before the converter ran)
-    result = model.load_state_dict(plain, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if k.removesuffix(".weight") not in fp8_layers]
-    if missing:
-        raise QuantError(
-            f"{path}: the file has no weights for {len(missing)} of {load.cls.__name__}'s tensors "
-            f"(e.g. {', '.join(missing[:3])}); fix: give the config of the model this file holds (config=)"
+    # quanto's activation scales stay at 1: the weight is upcast per layer, activations are not quantized;
+    # two tensors, not one shared: saving refuses shared memory
+    layers = {
+        layer: (
+            tuple(data.shape),
+            {
+                "weight._data": data,
+                "weight._scale": rows.view(-1, 1),
+                "input_scale": torch.ones((), dtype=dtype),
+                "output_scale": torch.ones((), dtype=dtype),
+            },
         )
-    for layer, (data, rows) in fp8_layers.items():
-        check_layer_shape(path, model, layer, tuple(data.shape))
-        # quanto's activation scales stay at 1: the weight is upcast per layer, activations are not quantized
-        tensors = {
-            "weight._data": data,
-            "weight._scale": rows.view(-1, 1),
-            # two tensors, not one shared: saving refuses shared memory
-            "input_scale": torch.ones((), dtype=dtype),
-            "output_scale": torch.ones((), dtype=dtype),
-        }
-        swap_in(model, layer, quanto, tensors, dtype)
-    model.to(load.device).eval()
-    load.folder = None
-    if not fp8_layers:
-        return model
-    return load.record(model, SPEC, "pre-quantized", bytes_before, len(fp8_layers), count_linears(model))
+        for layer, (data, rows) in fp8_layers.items()
+    }
+    return finish_load(load, model, path, plan, SPEC, quanto, plain, layers, bytes_before)
 
 
 def _sources(checkpoint: dict[str, torch.Tensor], path: str):

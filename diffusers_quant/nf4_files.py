@@ -24,12 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .components import Component, count_linears, fp32_modules
-from .convert import CarryRows, check_layer_shape, convert_checkpoint, model_config, nbytes_at, swap_in
+from .components import fp32_modules
+from .convert import CarryRows, convert_checkpoint, finish_load, model_config, nbytes_at
 from .detect import Detected
 from .errors import QuantError
 from .layouts import ORIGINAL_LAYOUTS, require_original_layout
-from .rules import enforce
 from .spec import Plan, Spec
 
 NF4_FORMAT = "forge-nf4"
@@ -240,26 +239,8 @@ def load_nf4_file(load, path: str, kwargs: dict, detected: Detected, plan: Plan 
             f"{path}: the file mixes 4-bit types ({', '.join(types)}); fix: load its bf16 original"
         )
     spec = Spec.create("bnb", types[0] if types else "nf4", double_quant=False)
-    if layers:
-        enforce(
-            Plan(entries=((load.name, spec),), offload=plan.offload, device=plan.device),
-            [Component(load.name, load.kind, load.cls.__name__)],
-        )
-    result = model.load_state_dict(plain, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if k.removesuffix(".weight") not in layers]
-    if missing:
-        raise QuantError(
-            f"{path}: the file has no weights for {len(missing)} of {load.cls.__name__}'s tensors "
-            f"(e.g. {', '.join(missing[:3])}); fix: give the config of the model this file holds (config=)"
-        )
-    for layer, packed in layers.items():
-        check_layer_shape(path, model, layer, (packed.rows, packed.cols))
-        swap_in(model, layer, bnb, packed.serialised("weight", dtype), dtype)
-    model.to(load.device).eval()
-    load.folder = None
-    if not layers:
-        return model
-    return load.record(model, spec, "pre-quantized", bytes_before, len(layers), count_linears(model))
+    built = {layer: ((p.rows, p.cols), p.serialised("weight", dtype)) for layer, p in layers.items()}
+    return finish_load(load, model, path, plan, spec, bnb, plain, built, bytes_before)
 
 
 # --- writing Forge's layout ---------------------------------------------------------------------------------

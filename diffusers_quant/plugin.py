@@ -60,13 +60,13 @@ def run_app(
     if module:
         import importlib.util
 
-        sys.path.insert(0, os.getcwd())
+        sys.path.insert(0, os.getcwd())  # as python -m does
         try:
             found = importlib.util.find_spec(target) is not None
         except (ImportError, ValueError):
             found = False
-        sys.path.pop(0)
         if not found:
+            sys.path.pop(0)
             raise QuantError(
                 f"-m {target}: no module of that name here; fix: run from its folder, or give a script"
             )
@@ -76,7 +76,6 @@ def run_app(
     ANNOUNCE = True
     sys.argv = [target, *argv]
     if module:
-        sys.path.insert(0, os.getcwd())  # as python -m does
         runpy.run_module(target, run_name="__main__", alter_sys=True)
     else:
         sys.path.insert(0, os.path.dirname(os.path.abspath(target)))

@@ -77,20 +77,27 @@ def _config_json(folder: Path) -> dict | None:
     return read_json_object(folder / "config.json", "JSON config")
 
 
+def _saved_method(qconfig: dict) -> str:
+    """Who saved a folder with this ``quantization_config``: this package, a library named in NATIVE_METHODS,
+    or another quantizer (its ``quant_method``; "unknown" without one)."""
+    if qconfig.get("load_in_4bit") or qconfig.get("load_in_8bit"):
+        return "bitsandbytes"
+    if qconfig.get("format") == OURS:
+        return OURS
+    method = qconfig.get("quant_method")
+    return str(method) if method else "unknown"
+
+
 def foreign_method(folder: str | os.PathLike | None) -> str | None:
     """The ``quant_method`` of a folder saved quantized by another library (torchao, sdnq, modelopt ...),
     which diffusers / transformers load through that library's own quantizer; None for any other folder."""
     if folder is None or not os.path.isdir(folder):
         return None
     qconfig = (_config_json(Path(folder)) or {}).get("quantization_config")
-    if not isinstance(qconfig, dict) or qconfig.get("format") == OURS:
+    if not isinstance(qconfig, dict):
         return None
-    if qconfig.get("load_in_4bit") or qconfig.get("load_in_8bit"):
-        return None
-    method = qconfig.get("quant_method")
-    if method == OURS or method in NATIVE_METHODS:
-        return None
-    return str(method) if method else "unknown"
+    method = _saved_method(qconfig)
+    return None if method == OURS or method in NATIVE_METHODS else method
 
 
 def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> SavedComponent | None:
@@ -102,9 +109,7 @@ def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> 
     qconfig = (config or {}).get("quantization_config")
     if not isinstance(qconfig, dict):
         return None
-    method = OURS if qconfig.get("format") == OURS else qconfig.get("quant_method")
-    if qconfig.get("load_in_4bit") or qconfig.get("load_in_8bit"):
-        method = "bitsandbytes"
+    method = _saved_method(qconfig)
     if method != OURS and method not in NATIVE_METHODS:
         return None  # another library's format (torchao, sdnq ...): its own loader reads it
     files = find_safetensors(folder, variant)
