@@ -350,6 +350,14 @@ class _Parser:
                 block_size, type_size = block_info(type_name)
             except (ValueError, KeyError):
                 raise self.fail(f"tensor {name!r} has unknown ggml type id {type_id}") from None
+            # A dim no file of this size could fill (a zero elsewhere keeps the byte count at 0, but torch
+            # cannot even describe a 2**63-long dim): corrupt.
+            max_dim = self.size * block_size // type_size
+            if any(d > max_dim for d in shape):
+                raise self.fail(
+                    f"tensor {name!r} has an impossible shape {shape} for {type_name} data: a dim above "
+                    f"{max_dim} (what the file's {self.size} bytes could hold) (corrupt file)"
+                )
             if shape[-1] % block_size:
                 raise self.fail(
                     f"tensor {name!r}: byte size does not match shape {shape} x type {type_name}: "
@@ -366,7 +374,7 @@ class _Parser:
                     f"truncated file: tensor {name!r} ({type_name}, shape {shape}, {nbytes} bytes) at offset "
                     f"{start} extends past the end of the file ({self.size} bytes)"
                 )
-            logical = self.orig_shape(name, shape, metadata)
+            logical = self.orig_shape(name, shape, metadata, max_dim)
             infos.append(
                 GGUFTensorInfo(name, type_id, type_name, logical, shape, start, nbytes, block_size, type_size)
             )
@@ -379,14 +387,16 @@ class _Parser:
                 )
         return infos
 
-    def orig_shape(self, name: str, shape: tuple[int, ...], metadata: dict[str, Any]) -> tuple[int, ...]:
+    def orig_shape(
+        self, name: str, shape: tuple[int, ...], metadata: dict[str, Any], max_dim: int
+    ) -> tuple[int, ...]:
         orig = metadata.get(ORIG_SHAPE_PREFIX + name)
         if orig is None:
             return shape
         if (
             not isinstance(orig, list)
-            or not orig
-            or not all(isinstance(d, int) and d >= 0 for d in orig)
+            or not 1 <= len(orig) <= MAX_DIMS
+            or not all(type(d) is int and 0 <= d <= max_dim for d in orig)
             or math.prod(orig) != math.prod(shape)
         ):
             raise self.fail(

@@ -267,7 +267,36 @@ def test_row_not_whole_blocks(small):
 def test_huge_dims(small):
     pos = _tensor_info_pos(small.read_bytes(), "aa")
     _patch(small, pos + 4 + 8, "<Q", 2**60)  # ne1
-    _expect_error(small, r"tensor 'aa' .* extends past the end")
+    _expect_error(small, r"tensor 'aa' has an impossible shape \(1152921504606846976, 64\) for Q8_0")
+
+
+@pytest.mark.parametrize("dim", [2**63, 2**64 - 1, 10**6])
+def test_zero_elements_with_an_impossible_dim(tmp_path, make_gguf, dim):
+    """Issue 14: a zero-element tensor with a 2**63 dim passed validation and failed in raw()."""
+    path = tmp_path / "zero.gguf"
+    make_gguf(path, {"z": (np.zeros((0, 4), np.float32), "F32"), "t": (np.ones(4, np.float32), "F32")})
+    pos = _tensor_info_pos(path.read_bytes(), "z")
+    _patch(path, pos + 4, "<Q", dim)  # ne0 (the row); ne1 stays 0, so the byte count is still 0
+    msg = _expect_error(path, r"tensor 'z' has an impossible shape \(0, \d+\) for F32 data: a dim above \d+")
+    assert "corrupt file" in msg
+
+
+def test_a_zero_element_tensor_within_bounds_still_reads(tmp_path, make_gguf):
+    path = tmp_path / "zero.gguf"
+    make_gguf(path, {"z": (np.zeros((0, 4), np.float32), "F32"), "t": (np.ones(4, np.float32), "F32")})
+    f = read_gguf(path)
+    assert f.raw("z").shape == (0, 4) and f.dequantize("z").shape == (0, 4)
+
+
+def test_orig_shape_with_an_impossible_dim(tmp_path, make_gguf):
+    path = tmp_path / "shape.gguf"
+    vt = gguf.GGUFValueType
+    make_gguf(
+        path,
+        {"z": (np.zeros((0, 4), np.float32), "F32")},
+        {"comfy.gguf.orig_shape.z": ([0, 2**62], vt.ARRAY, vt.INT64)},
+    )
+    _expect_error(path, r"comfy.gguf.orig_shape.z = \[0, 4611686018427387904\] is not a valid shape")
 
 
 def test_too_many_dims(small):
