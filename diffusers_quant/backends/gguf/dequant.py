@@ -473,6 +473,36 @@ def _deq_iq1_m(blocks: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Types gguf-py stores but cannot dequantize: F64 and the integer types (read as plain values), Q8_K and
+# Q1_0 (layouts from ggml-common.h, decoded as ggml-quants.c's dequantize_row_q8_K / _q1_0 do).
+# Q8_1 is left out on purpose: it is ggml's activation format (ggml has no dequantize_row_q8_1) and
+# gguf-py's block size for it (40 bytes, the old float d/s layout) disagrees with ggml's block_q8_1 (36).
+
+
+def _deq_plain(dtype: torch.dtype) -> DequantFn:
+    def decode(blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.contiguous().view(dtype).to(torch.float32)
+
+    decode.__name__ = f"_deq_{str(dtype).removeprefix('torch.')}"
+    return decode
+
+
+def _deq_q8_k(blocks: torch.Tensor) -> torch.Tensor:
+    # block_q8_K: float d; int8_t qs[256]; int16_t bsums[16] (bsums are sums of qs, unused here)
+    d = blocks[:, :4].contiguous().view(torch.float32)
+    return d * blocks[:, 4 : 4 + QK_K].contiguous().view(torch.int8).to(torch.float32)
+
+
+def _deq_q1_0(blocks: torch.Tensor) -> torch.Tensor:
+    # block_q1_0: ggml_half d; uint8_t qs[16]; element j is +d if bit j % 8 of qs[j / 8] is set, else -d
+    n = blocks.shape[0]
+    d = _f16(blocks[:, :2])
+    qs = blocks[:, 2:]
+    bits = ((qs.unsqueeze(-1) >> _shifts(range(8), (1, 1, 8), qs)) & 1).reshape(n, 128)
+    return d * (bits.to(torch.float32) * 2 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Public table and entry point
 
 DEQUANTIZERS: dict[str, DequantFn] = {
@@ -502,7 +532,17 @@ DEQUANTIZERS: dict[str, DequantFn] = {
     "TQ2_0": _deq_tq2_0,
     "MXFP4": _deq_mxfp4,
     "NVFP4": _deq_nvfp4,
+    "F64": _deq_plain(torch.float64),
+    "I8": _deq_plain(torch.int8),
+    "I16": _deq_plain(torch.int16),
+    "I32": _deq_plain(torch.int32),
+    "I64": _deq_plain(torch.int64),
+    "Q8_K": _deq_q8_k,
+    "Q1_0": _deq_q1_0,
 }
+
+# Types stored as plain values (no blocks): a loader places them as ordinary tensors of the load dtype.
+PLAIN_QTYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
 
 SUPPORTED_QTYPES: tuple[str, ...] = tuple(DEQUANTIZERS)
 

@@ -30,7 +30,10 @@ F16_FIELDS: dict[str, tuple[int, ...]] = {
     "IQ1_S": (0,),
     "TQ1_0": (52,),
     "TQ2_0": (64,),
+    "Q1_0": (0,),
 }
+# Types stored as plain numpy values (random bytes there could be NaN for F64).
+PLAIN_NUMPY = {"F64": np.float64, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
 
 
 def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
@@ -41,7 +44,16 @@ def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
     if qtype in ("F32", "F16", "BF16"):
         x = rng.standard_normal((n_blocks, block_size)).astype(np.float32)
         return gguf.quants.quantize(x, t).view(np.uint8).reshape(n_blocks, type_size)
+    if qtype in PLAIN_NUMPY:
+        kind = np.dtype(PLAIN_NUMPY[qtype])
+        if kind.kind == "f":
+            x = rng.standard_normal(n_blocks).astype(kind)
+        else:
+            x = rng.integers(np.iinfo(kind).min, np.iinfo(kind).max, n_blocks, dtype=kind, endpoint=True)
+        return x.view(np.uint8).reshape(n_blocks, type_size)
     raw = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    if qtype == "Q8_K":  # float32 super-block scale
+        raw[:, :4] = rng.standard_normal(n_blocks).astype(np.float32).view(np.uint8).reshape(-1, 4)
     for off in F16_FIELDS.get(qtype, ()):
         raw[:, off : off + 2] = rng.standard_normal(n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
     if qtype == "IQ1_M":

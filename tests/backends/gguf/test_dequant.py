@@ -45,7 +45,7 @@ DEQUANTIZABLE = [t.name for t in T if _gguf_can(ref_dequantize, t)]
 
 
 def test_sizes_come_from_gguf_table():
-    for name in DEQUANTIZERS:
+    for name in (n for n in DEQUANTIZERS if n in T.__members__):
         assert block_info(name) == tuple(gguf.GGML_QUANT_SIZES[T[name]])
         assert qtype_id(name) == int(T[name])
         assert qtype_name(int(T[name])) == name
@@ -61,6 +61,10 @@ def test_every_type_gguf_py_can_dequantize_is_supported():
     assert set(DEQUANTIZABLE) - {"F32", "F16"} <= set(DEQUANTIZERS)  # F32/F16 are gguf-py special cases
     required = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K"}
     assert required | {"Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"} <= set(DEQUANTIZERS)
+    # Issue 14: valid types gguf-py writes or lists but cannot decode (F64 is what it writes for float64
+    # numpy arrays); every ggml type but Q8_1 (an activation format with no ggml decoder) is supported.
+    assert {"F64", "I8", "I16", "I32", "I64", "Q8_K"} <= set(DEQUANTIZERS)
+    assert {t.name for t in T} - set(DEQUANTIZERS) == {"Q8_1"}
 
 
 def _reference(raw: np.ndarray, qtype: str) -> torch.Tensor:
@@ -84,7 +88,7 @@ def test_matches_gguf_on_quantized_random_data(qtype):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS))
+@pytest.mark.parametrize("qtype", sorted(set(DEQUANTIZERS) & set(DEQUANTIZABLE)))
 def test_matches_gguf_on_random_valid_blocks(qtype, make_blocks):
     raw = make_blocks(qtype, 96, seed=sum(qtype.encode()))
     block_size, _ = block_info(qtype)
@@ -92,6 +96,65 @@ def test_matches_gguf_on_random_valid_blocks(qtype, make_blocks):
     got = dequantize(torch.from_numpy(raw), qtype, (96 * block_size,))
     assert torch.isfinite(expected).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+_PLAIN_NUMPY = {"F64": np.float64, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+def _ggml_reference(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """gguf-py has no decoder for these types: a literal, element-by-element reading of ggml-quants.c's
+    dequantize_row_* over ggml-common.h's block structs, independent of dequant.py's vectorised code."""
+    if qtype in _PLAIN_NUMPY:
+        return raw.reshape(-1).view(_PLAIN_NUMPY[qtype]).astype(np.float32)
+    out = []
+    for block in raw:
+        if qtype == "Q8_K":  # float d; int8_t qs[QK_K]; int16_t bsums[QK_K/16]
+            d = block[0:4].view(np.float32)[0]
+            qs = block[4:260].view(np.int8)
+            out += [d * np.float32(qs[j]) for j in range(256)]
+        elif qtype == "Q1_0":  # ggml_half d; uint8_t qs[QK1_0/8]
+            d = block[0:2].view(np.float16)[0].astype(np.float32)
+            for j in range(128):
+                bit = (int(block[2 + j // 8]) >> (j % 8)) & 1
+                out.append(np.float32(bit * 2 - 1) * d)
+        else:
+            raise AssertionError(qtype)
+    return np.array(out, np.float32)
+
+
+NOT_IN_GGUF_PY = sorted(set(DEQUANTIZERS) - set(DEQUANTIZABLE))
+
+
+def test_the_types_gguf_py_cannot_decode_are_exactly_the_new_ones():
+    assert NOT_IN_GGUF_PY == sorted({"F64", "I8", "I16", "I32", "I64", "Q8_K", "Q1_0"} & set(T.__members__))
+
+
+@pytest.mark.parametrize("qtype", NOT_IN_GGUF_PY)
+def test_matches_ggml_reference_where_gguf_py_has_no_decoder(qtype, make_blocks):
+    raw = make_blocks(qtype, 24, seed=sum(qtype.encode()))
+    block_size, _ = block_info(qtype)
+    expected = torch.from_numpy(_ggml_reference(raw, qtype))
+    assert torch.isfinite(expected).all() and expected.abs().sum() > 0
+    got = dequantize(torch.from_numpy(raw), qtype, (24 * block_size,))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_q8_k_and_q1_0_known_blocks():
+    """Hand-built blocks: Q8_K is d * qs (bsums ignored), Q1_0 is +d for a set bit and -d for a clear one."""
+    q8k = np.zeros(292, np.uint8)
+    q8k[:4] = np.array([0.5], np.float32).view(np.uint8)
+    q8k[4:260] = np.arange(-128, 128, dtype=np.int8).view(np.uint8)
+    q8k[260:] = 0xFF  # bsums: not used for decoding
+    got = dequantize(torch.from_numpy(q8k), "Q8_K", (256,))
+    assert torch.equal(got, torch.arange(-128, 128, dtype=torch.float32) * 0.5)
+    q1 = np.zeros(18, np.uint8)
+    q1[:2] = np.array([2.0], np.float16).view(np.uint8)
+    q1[2] = 0b00000101  # elements 0 and 2 positive
+    q1[17] = 0b10000000  # element 127 positive
+    got = dequantize(torch.from_numpy(q1), "Q1_0", (128,))
+    expected = torch.full((128,), -2.0)
+    expected[[0, 2, 127]] = 2.0
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -158,8 +221,8 @@ def test_errors_are_clear():
         dequantize(raw, "Q8_0", (2, 34))
     # only the total must be whole blocks (ComfyUI orig_shape tensors have odd last dims)
     assert dequantize(raw, "Q8_0", (4, 4, 4)).shape == (4, 4, 4)
-    with pytest.raises(NotImplementedError, match="Q8_K is not supported"):
-        dequantize(raw, "Q8_K", (256,))
+    with pytest.raises(NotImplementedError, match="Q8_1 is not supported"):
+        dequantize(torch.zeros(40, dtype=torch.uint8), "Q8_1", (32,))
     with pytest.raises(ValueError, match="uint8"):
         dequantize(torch.zeros(4, dtype=torch.int32), "Q8_0", (32,))
 
