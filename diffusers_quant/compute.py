@@ -21,11 +21,11 @@ import os
 import torch
 
 from .errors import QuantError
+from .fused import REFERENCE_ENV  # one switch forces every reference path
 from .spec import COMPUTES
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
-REFERENCE_ENV = "DIFFUSERS_QUANT_REFERENCE"
 
 
 def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,11 +21,14 @@ nncf is imported lazily: only :func:`compress_linear` needs it. Restoring and ru
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fused import fast_path_wanted, fused
 
 __all__ = [
     "NNCF_QTYPES",
@@ -128,6 +131,41 @@ def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`_pack_nibbles`: flat uint8 values in [0, 15], padding dropped."""
     values = torch.stack((torch.bitwise_and(packed, 15), torch.bitwise_right_shift(packed, 4)), dim=-1)
     return values.reshape(-1)[:numel]
+
+
+def decompress(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    rows: int,
+    cols: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """An :class:`NNCFLinear`'s ``[rows, cols]`` weight from its stored pieces, as NNCF's decompressors compute
+    it: ``(q - zero_point) * scale`` in float16, per output row and group (``scale`` is ``[rows, groups]``)."""
+    groups = scale.shape[1]
+    shape = (rows, groups, cols // groups)
+    if bits == 8:
+        values = weight.reshape(shape)
+    else:
+        values = _unpack_nibbles(weight, rows * cols).reshape(shape)
+        if zero_point is None:  # NNCF's unpack_int4: symmetric int4 is stored offset by 8
+            values = values.to(torch.int8) - 8
+    out = values.to(torch.float16)
+    if zero_point is not None:
+        if bits == 8:
+            zero = zero_point.reshape(rows, 1, 1)
+        else:
+            zero = _unpack_nibbles(zero_point, rows * groups).reshape(rows, groups, 1)
+        out = out - zero.to(torch.float16)
+    out = out * scale.view(torch.float16).unsqueeze(-1)
+    return out.reshape(rows, cols).to(dtype)
+
+
+@functools.cache
+def _fused_decompress():
+    return fused(decompress)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -239,35 +277,34 @@ class NNCFLinear(nn.Module):
     def n_groups(self) -> int:
         return self.scale.shape[1]
 
-    def _integer_weight(self) -> torch.Tensor:
-        """Quantized values as ``[out, n_groups, group]`` (uint8 asymmetric, int8 symmetric)."""
-        shape = (self.out_features, self.n_groups, self.in_features // self.n_groups)
-        if _BITS[self.qtype] == 8:
-            return self.weight.reshape(shape)
-        values = _unpack_nibbles(self.weight, self.out_features * self.in_features).reshape(shape)
-        # NNCF's unpack_int4: symmetric int4 is stored offset by 8.
-        return values if _is_asym(self.qtype) else values.to(torch.int8) - 8
-
-    def _zero_point(self) -> torch.Tensor:
-        if _BITS[self.qtype] == 8:
-            return self.zero_point.reshape(self.out_features, 1, 1)
-        return _unpack_nibbles(self.zero_point, self.out_features * self.n_groups).reshape(
-            self.out_features, self.n_groups, 1
-        )
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Decompressed ``[out, in]`` weight, computed exactly as NNCF's decompressors do (float16 math)."""
-        scale = self.scale.view(torch.float16).unsqueeze(-1)
-        weight = self._integer_weight().to(torch.float16)
-        if self.zero_point is not None:
-            weight = weight - self._zero_point().to(torch.float16)
-        weight = weight * scale
-        return weight.reshape(self.out_features, self.in_features).to(dtype)
+        return decompress(
+            self.weight,
+            self.scale,
+            self.zero_point,
+            _BITS[self.qtype],
+            self.out_features,
+            self.in_features,
+            dtype,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        out = F.linear(x.to(dtype), self.dequantize(dtype), bias)
+        if fast_path_wanted(x):  # one fused kernel reads the packed weight (fused.py)
+            weight = _fused_decompress()(
+                self.weight,
+                self.scale,
+                self.zero_point,
+                _BITS[self.qtype],
+                self.out_features,
+                self.in_features,
+                dtype,
+            )
+        else:
+            weight = self.dequantize(dtype)
+        out = F.linear(x.to(dtype), weight, bias)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -6,8 +6,8 @@ quantized one. Within a layer, blocks of rows are moved to the device and quanti
 buffers: the full-precision layer is never whole on the device and quanto's full-size temporaries stay
 a few MB. The result equals ``QLinear.freeze()`` bit for bit (tests check it).
 
-2- and 4-bit weights keep quanto's portable layout, dequantized on the fly for cuBLAS, even where quanto
-would repack int4 for tinygemm: tinygemm is a matrix-vector kernel, 13x slower than dequantize + matmul
+2- and 4-bit weights keep quanto's portable layout, dequantized on the fly for cuBLAS (on CUDA in one fused
+kernel, ``fused.py``: :func:`fused_linear`), even where quanto would repack int4 for tinygemm: tinygemm is a matrix-vector kernel, 13x slower than dequantize + matmul
 at a diffusion transformer's 4,608 tokens (H100, one 3072 x 12288 Linear: 11.8 ms against 0.95 ms, bf16
 0.46 ms). float8 weights likewise stay unrepacked: Marlin takes 1.10 ms there, dequantize + matmul 0.84 ms
 (``benchmarks/probe_quanto_kernels.py``, results under ``benchmarks/results/nvidia-h100``).
@@ -194,6 +194,61 @@ def as_portable(weight: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _bytes_weight(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An 8-bit weight (int8 or float8 codes, one scale per row), as quanto's ``qbytes_mm`` dequantizes it."""
+    return scale * data.to(scale.dtype)
+
+
+def _bits_weight(
+    packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int, rows: int, cols: int
+) -> torch.Tensor:
+    """A 2/4-bit weight grouped along the input (axis 0, ``scale`` one per group), as quanto's unpack and
+    ``QBitsDequantizer`` compute it: each bit field of the packed bytes is one block of grouped rows."""
+    import torch
+
+    fields = [(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(8 // bits)]
+    data = torch.cat(fields)[: scale.shape[0]]
+    if shift.is_floating_point():
+        weight = scale * data - shift
+    else:
+        weight = scale * (data.to(torch.int8) - shift.to(torch.int8))
+    return weight.reshape(rows, cols)
+
+
+@functools.cache
+def _fused_weights():
+    from ..fused import fused
+
+    return fused(_bytes_weight), fused(_bits_weight)
+
+
+def fused_linear(input, weight, bias=None):
+    """``F.linear`` of a portable quanto weight with its dequantization fused, or None where quanto's own
+    path should run (a device without the fused kernels, inside a compiled region, quanto's activation
+    quantization, mixed dtypes)."""
+    import torch
+
+    from ..fused import fast_path_wanted
+
+    if type(input) is not torch.Tensor or not fast_path_wanted(input) or weight.axis != 0:
+        return None
+    if getattr(weight, "activation_qtype", None) is not None or input.dtype != weight._scale.dtype:
+        return None
+    if bias is not None and bias.dtype != input.dtype:
+        return None  # quanto adds such a bias after the matmul, promoting the output: leave it that
+    bytes_weight, bits_weight = _fused_weights()
+    with torch._C.DisableTorchFunctionSubclass():
+        data = weight._data
+        if hasattr(weight, "_shift"):
+            if type(data).__name__ != "PackedTensor":
+                return None
+            rows, cols = weight.shape
+            dense = bits_weight(data._data, weight._scale, weight._shift, data.bits, rows, cols)
+        else:
+            dense = bytes_weight(data, weight._scale)
+        return torch.nn.functional.linear(input, dense, bias)
+
+
 # Elements quantized per block: quanto's intermediates then stay a few MB whatever the layer size.
 _BLOCK_ELEMENTS = 1 << 20
 
@@ -327,6 +382,14 @@ def _portable_subclass(base: type, rebuild, to_base: str) -> type:
     import torch
 
     class Portable(base):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                out = fused_linear(*args, **(kwargs or {}))
+                if out is not None:
+                    return out
+            return super().__torch_function__(func, types, args, kwargs)
+
         @staticmethod
         def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
             t = base.__tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride)

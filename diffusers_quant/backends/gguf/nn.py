@@ -12,6 +12,7 @@ type, whatever type it was built with.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,9 +21,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dequant import block_info, blocks_nbytes, dequantize, packed_nbytes, qtype_id, qtype_name
+from ...fused import fast_path_wanted, fused
+from .dequant import (
+    _COMPUTE_DTYPE_TYPES,
+    DEQUANTIZERS,
+    block_info,
+    blocks_nbytes,
+    dequantize,
+    packed_nbytes,
+    qtype_id,
+    qtype_name,
+)
 
 _STATE_FORMAT = 1
+
+
+@functools.cache
+def _fusable(qtype: str) -> bool:
+    """Block-quantized types (plain float / integer tensors have nothing to fuse)."""
+    return qtype in DEQUANTIZERS and block_info(qtype)[0] > 1
+
+
+@functools.cache
+def _fused_decoder(qtype: str):
+    """The blocks of one ggml type decoded to a dtype, run compiled on CUDA (one graph per type)."""
+    fn = DEQUANTIZERS[qtype]
+    takes_dtype = qtype in _COMPUTE_DTYPE_TYPES  # decodes straight in a 16-bit dtype (the forward's choice)
+
+    def decode(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if takes_dtype and dtype in (torch.bfloat16, torch.float16):
+            return fn(blocks, dtype)
+        return fn(blocks).to(dtype)
+
+    return fused(decode)
 
 
 def _as_bytes(raw: torch.Tensor) -> torch.Tensor:
@@ -218,7 +249,12 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or (x.dtype if x.is_floating_point() else torch.float32)
-        w = dequantize(self.weight, self.qtype, self.weight_shape, dtype, exact=False)
+        if fast_path_wanted(x) and _fusable(self.qtype):
+            # one fused kernel reads the packed bytes and writes the weight (fused.py)
+            blocks = self.weight.reshape(-1, block_info(self.qtype)[1])
+            w = _fused_decoder(self.qtype)(blocks, dtype).reshape(self.weight_shape)
+        else:
+            w = dequantize(self.weight, self.qtype, self.weight_shape, dtype, exact=False)
         b = None if self.bias is None else self.bias.to(dtype)
         y = F.linear(x.to(dtype), w, b)
         return y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)

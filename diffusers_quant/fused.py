@@ -1,0 +1,73 @@
+"""Fused weight dequantization: the weight-only fast path of every backend's Linear.
+
+A weight-only layer dequantizes its weight on each call and runs one bf16 / fp16 matmul. Written as torch
+ops, a dequantization is several kernels (unpack, subtract the zero point, scale, regroup), each reading and
+writing the whole weight: 2x the bf16 matmul's time at a diffusion transformer's 4,608 tokens for 4-bit
+quanto weights (``benchmarks/results/nvidia-h100/quanto-kernels.json``). On CUDA :func:`fused` runs the same
+function compiled (Inductor turns it into one Triton kernel that reads the packed bytes once and writes the
+weight once), one graph for every layer shape; then the matmul is cuBLAS's with the bias in its epilogue.
+
+Inside a model that is itself compiled (``compile_repeated_blocks``) the plain function is traced into the
+block's graph instead. Elsewhere (CPU, or ``DIFFUSERS_QUANT_REFERENCE=1``) the function runs as it is: the
+pure-torch reference the fused kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+REFERENCE_ENV = "DIFFUSERS_QUANT_REFERENCE"
+# Devices whose tensors take the compiled kernels (tests add "cpu" to check the compiled graphs here).
+FUSED_DEVICES = {"cuda"}
+
+F = TypeVar("F", bound=Callable)
+
+
+def reference_forced() -> bool:
+    return os.environ.get(REFERENCE_ENV) == "1"
+
+
+@functools.cache
+def _have_compiler(device_type: str) -> bool:
+    if device_type != "cuda":
+        return True  # Inductor's C++ backend
+    try:
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    except ImportError:  # pragma: no cover - a torch without Triton support
+        return False
+
+
+def fast_path_wanted(t: torch.Tensor) -> bool:
+    """Whether a layer's input ``t`` takes the fused path: on a fused device, with a compiler, not forced off,
+    and not inside a compiled region (there the layer's plain ops are traced into the region's graph and
+    fused with it)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type in FUSED_DEVICES and not reference_forced() and _have_compiler(t.device.type)
+
+
+def fused(fn: F) -> F:
+    """``fn`` (tensors in, one tensor out) run compiled where :func:`fast_path_wanted` says so for its
+    first argument, else as it is. Compiled lazily, once, with dynamic shapes."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        nonlocal compiled
+        if not fast_path_wanted(first):
+            return fn(first, *args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        run.fused_calls += 1
+        return compiled(first, *args, **kwargs)
+
+    run.reference = fn
+    run.fused_calls = 0  # how often the compiled kernel ran (tests check that the fused path was taken)
+    return run  # type: ignore[return-value]

@@ -1,0 +1,54 @@
+"""GGUFLinear's fused dequantization (fused.py) against its reference decode, compiled here for the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_quant import fused
+from diffusers_quant.backends.gguf.dequant import block_info
+from diffusers_quant.backends.gguf.nn import GGUFLinear, _fused_decoder
+
+QTYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _layer(qtype: str, make_blocks, out_features: int = 16) -> GGUFLinear:
+    block_size, _ = block_info(qtype)
+    in_features = 2 * max(block_size, 32)
+    blocks = out_features * in_features // block_size
+    raw = torch.from_numpy(make_blocks(qtype, blocks, seed=3)).reshape(out_features, -1)
+    return GGUFLinear.from_raw(raw, qtype, (out_features, in_features), torch.randn(out_features))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_fused_forward_matches_the_reference_decode(qtype, make_blocks, monkeypatch):
+    layer = _layer(qtype, make_blocks)
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16)
+    want = layer(x)  # CPU: the reference decode
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    kernel = _fused_decoder(qtype)
+    before = kernel.fused_calls
+    got = layer(x)
+    assert kernel.fused_calls == before + 1
+    scale = want.abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 8 * torch.finfo(torch.bfloat16).eps * scale
+
+
+def test_float_tensors_are_not_fused(monkeypatch):
+    layer = GGUFLinear.from_linear(torch.nn.Linear(64, 8), "F16")
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_fused_forward_on_cuda(qtype, make_blocks, monkeypatch):
+    layer = _layer(qtype, make_blocks).to("cuda")
+    x = torch.randn(4, 64, layer.in_features, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv(fused.REFERENCE_ENV, "1")
+    want = layer(x)
+    monkeypatch.delenv(fused.REFERENCE_ENV)
+    got = layer(x)
+    scale = want.abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 8 * torch.finfo(torch.bfloat16).eps * scale

@@ -1,0 +1,122 @@
+"""The weight-only fast path (fused.py): each backend's fused dequantization against its reference.
+
+On CUDA the fused kernels are the dequantization compiled by Inductor; here the same graphs compile for the
+CPU (``FUSED_DEVICES`` gains "cpu"), so CI checks what the GPU runs. The GPU cases are under the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_quant import fused
+from diffusers_quant.backends import get_backend
+from diffusers_quant.backends import quanto as quanto_backend
+from diffusers_quant.backends.nncf_ops import _fused_decompress
+from diffusers_quant.spec import Spec
+
+QUANTO = ("qint8", "qfloat8", "qint4", "qint2")
+NNCF = ("int8", "int8_sym", "int4", "int4_sym")
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+
+
+def _linear(dtype=torch.bfloat16, in_features=256, out_features=96, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_features, out_features).to(dtype)
+
+
+def _quantized(backend: str, qtype: str, dtype=torch.bfloat16):
+    return get_backend(backend).quantize_linear(_linear(dtype), Spec.parse(f"{backend}:{qtype}"), dtype)
+
+
+def _close(got, want, dtype):
+    # the fused graph skips intermediate 16-bit roundings: a few ulps of the output's magnitude
+    scale = want.abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 4 * torch.finfo(dtype).eps * scale
+
+
+@pytest.mark.parametrize("qtype", QUANTO)
+def test_quanto_weights_decode_as_quanto_does(qtype):
+    """The functions the kernels compile give quanto's own dequantized weight bit for bit."""
+    weight = _quantized("quanto", qtype).weight
+    with torch._C.DisableTorchFunctionSubclass():
+        if qtype in ("qint4", "qint2"):
+            mine = quanto_backend._bits_weight(
+                weight._data._data, weight._scale, weight._shift, weight._data.bits, *weight.shape
+            )
+        else:
+            mine = quanto_backend._bytes_weight(weight._data, weight._scale)
+    assert torch.equal(mine, weight.dequantize())
+
+
+@pytest.mark.parametrize("qtype", QUANTO)
+def test_quanto_fused_linear_matches_quanto(qtype, fused_on_cpu, monkeypatch):
+    layer = _quantized("quanto", qtype)
+    x = torch.randn(2, 33, 256, dtype=torch.bfloat16)
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda"})
+    want = layer(x)  # quanto's own path
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    kernel = quanto_backend._fused_weights()[1 if qtype in ("qint4", "qint2") else 0]
+    before = kernel.fused_calls
+    got = layer(x)
+    assert kernel.fused_calls == before + 1  # the compiled kernel ran
+    _close(got, want, torch.bfloat16)
+
+
+def test_quanto_leaves_what_it_cannot_fuse_to_quanto(fused_on_cpu):
+    """A float32 input on a bf16 weight (quanto promotes), or quanto's activation quantization."""
+    layer = _quantized("quanto", "qint8")
+    kernels = quanto_backend._fused_weights()
+    before = kernels[0].fused_calls
+    out = layer(torch.randn(3, 256))  # float32 input, bf16 scales
+    assert kernels[0].fused_calls == before
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("qtype", NNCF)
+def test_nncf_fused_matches_reference(qtype, fused_on_cpu, monkeypatch):
+    layer = _quantized("nncf", qtype)
+    x = torch.randn(2, 17, 256, dtype=torch.bfloat16)
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda"})
+    want = layer(x)
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    before = _fused_decompress().fused_calls
+    got = layer(x)
+    assert _fused_decompress().fused_calls == before + 1
+    _close(got, want, torch.bfloat16)
+
+
+def test_reference_switch_turns_every_fused_path_off(fused_on_cpu, monkeypatch):
+    monkeypatch.setenv(fused.REFERENCE_ENV, "1")
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    quanto_layer, nncf_layer = _quantized("quanto", "qint4"), _quantized("nncf", "int4")
+    counts = [quanto_backend._fused_weights()[1].fused_calls, _fused_decompress().fused_calls]
+    quanto_layer(x), nncf_layer(x)
+    assert [quanto_backend._fused_weights()[1].fused_calls, _fused_decompress().fused_calls] == counts
+
+
+@pytest.mark.parametrize(("backend", "qtype"), [("quanto", "qint4"), ("nncf", "int4_sym"), ("bnb", "nf4")])
+def test_no_graph_break_inside_a_quantized_linear(backend, qtype, fused_on_cpu):
+    """Compiled inside a model, a layer is traced whole (the fused path stands aside for the outer graph)."""
+    layer = _quantized(backend, qtype)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(torch.randn(2, 9, 256, dtype=torch.bfloat16))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("backend", "qtype"), [*(("quanto", q) for q in QUANTO), *(("nncf", q) for q in NNCF)]
+)
+def test_fused_kernels_on_cuda(backend, qtype, monkeypatch):
+    layer = _quantized(backend, qtype).to("cuda")
+    x = torch.randn(4, 512, 256, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv(fused.REFERENCE_ENV, "1")
+    want = layer(x)
+    monkeypatch.delenv(fused.REFERENCE_ENV)
+    _close(layer(x), want, torch.bfloat16)
