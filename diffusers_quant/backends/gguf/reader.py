@@ -385,6 +385,24 @@ class _Parser:
                     f"tensor data overlaps: {cur.name!r} starts at {cur.offset}, inside {prev.name!r} "
                     f"({prev.offset}..{prev.offset + prev.nbytes})"
                 )
+        # GGUF stores tensors back to back, each padded to the alignment.  A gap of a whole alignment or
+        # more is data no tensor accounts for: a tensor whose type or shape was changed to a smaller one
+        # (which would otherwise read the start of its old bytes as other values), or a dropped tensor.
+        end = data_offset
+        for info in ordered:
+            if info.offset - end >= alignment:
+                raise self.fail(
+                    f"{info.offset - end} bytes before tensor {info.name!r} (at {info.offset}) belong to no "
+                    f"tensor, more than the padding to the alignment {alignment} (corrupt file: a tensor's "
+                    "type or shape does not match its data)"
+                )
+            end = max(end, info.offset + info.nbytes)
+        if ordered and self.size - end >= alignment:
+            raise self.fail(
+                f"{self.size - end} bytes after the last tensor (which ends at {end}) belong to no tensor, "
+                f"more than the padding to the alignment {alignment} (corrupt file: a tensor's type or "
+                "shape does not match its data, or the tensor count is wrong)"
+            )
         return infos
 
     def orig_shape(

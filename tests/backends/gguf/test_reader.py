@@ -357,3 +357,34 @@ def test_random_corruption_never_crashes(small):
 def test_a_folder_is_named_not_opened(tmp_path):
     """Issue 14, finding 8: a folder gave IsADirectoryError."""
     _expect_error(tmp_path, "is a folder, not a GGUF file; fix: give the path of the .gguf file")
+
+
+def test_a_type_changed_to_a_smaller_one_is_refused(small):
+    """A Q8_0 tensor relabelled Q4_0 has the same shape and would read the start of its old bytes as other
+    values: the bytes left over (no tensor accounts for them) show it."""
+    pos = _tensor_info_pos(small.read_bytes(), "aa")
+    _patch(small, pos + 4 + 2 * 8, "<I", int(T.Q4_0))
+    _expect_error(small, r"88 bytes before tensor 'ab' \(at \d+\) belong to no tensor.*type or shape")
+
+
+def test_a_shrunken_last_tensor_is_refused(tmp_path, make_gguf):
+    path = tmp_path / "last.gguf"
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    make_gguf(path, {"a": (np.ones(8, np.float32), "F32"), "z": (gguf.quants.quantize(x, T.Q8_0), "Q8_0")})
+    pos = _tensor_info_pos(path.read_bytes(), "z")
+    _patch(path, pos + 4 + 2 * 8, "<I", int(T.Q4_0))
+    _expect_error(path, r"88 bytes after the last tensor \(which ends at \d+\) belong to no tensor")
+
+
+def test_a_lowered_tensor_count_is_refused(small):
+    _patch(small, 8, "<Q", 1)
+    with pytest.raises(GGUFError) as exc:
+        read_gguf(small)
+    assert str(small) in str(exc.value)
+
+
+def test_padding_below_the_alignment_is_fine(tmp_path, make_gguf):
+    path = tmp_path / "pad.gguf"
+    make_gguf(path, {"a": (np.ones(3, np.float32), "F32"), "b": (np.ones(5, np.float16), "F16")})
+    f = read_gguf(path)
+    assert f.raw("a").tolist() == [1.0] * 3 and f.raw("b").shape == (5,)
