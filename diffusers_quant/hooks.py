@@ -33,6 +33,7 @@ from .loading import (
     ACTIVE_PIPELINE,
     Load,
     PipelineLoad,
+    check_plan_first,
     component_report,
     load_gguf,
     load_model,
@@ -99,11 +100,9 @@ _URL_PREFIXES = ("huggingface.co/", "hf.co/")  # diffusers takes these without a
 
 def _require_local_file(pretrained):
     """``pretrained`` with a path object made a string. A local-looking path that does not exist is named
-    here (diffusers would call it an invalid URL); a pickle is checked before the library unpickles it."""
+    here (diffusers would call it an invalid URL); nothing is opened."""
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
-    if isinstance(pretrained, str) and is_pickle_checkpoint(pretrained):
-        check_pickle(pretrained)  # refused here, naming the fix, before the library unpickles anything
     if not isinstance(pretrained, str) or os.path.exists(pretrained):
         return pretrained
     if "://" in pretrained or pretrained.startswith(_URL_PREFIXES):
@@ -115,6 +114,12 @@ def _require_local_file(pretrained):
             "(or an https:// URL)"
         )
     return pretrained  # a hub repo id: the library resolves it
+
+
+def _check_pickle_file(pretrained) -> None:
+    """A pickle is checked before the library unpickles it: refused here, naming the fix."""
+    if isinstance(pretrained, str) and is_pickle_checkpoint(pretrained):
+        check_pickle(pretrained)
 
 
 def _detected(pretrained):
@@ -140,6 +145,8 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
         return _PREQUANTIZED_LOADERS[detected.format](load, path, kwargs, detected, plan)
     pretrained = _require_local_file(pretrained)
     plan = _call_plan(kwargs) or (active.plan if active else ambient_plan())
+    check_plan_first(cls, pretrained, kwargs, plan)  # before the file is opened (header, pickle)
+    _check_pickle_file(pretrained)
     # Pre-quantized files are recognised from their bytes and loaded as they are, whatever the plan says.
     detected = _detected(pretrained)
     if detected is not None and detected.format == "gguf":
@@ -273,13 +280,16 @@ _OTHER_COMPONENT_PREFIXES = (
 
 def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *args, **kwargs):
     pretrained = _require_local_file(pretrained)
+    plan = _call_plan(kwargs) or ambient_plan()
+    if plan is not None:  # the rules first: a refused plan opens no file
+        enforce(plan, _pipeline_components(cls, None, kwargs), whole_pipeline=True)
+    _check_pickle_file(pretrained)
     detected = _detected(pretrained)
     prequantized = detected is not None and detected.format in _PREQUANTIZED_LOADERS and detected.loadable
     if detected is not None and detected.format not in ("safetensors", "gguf") and not prequantized:
         raise QuantError(f"{pretrained}: {FORMATS[detected.format]}: {detected.detail}")
     if prequantized:
         _refuse_scales_outside_the_denoiser(pretrained, detected)
-    plan = _call_plan(kwargs) or ambient_plan()
     if plan is None and not prequantized:
         return original(cls, pretrained, *args, **kwargs)
     plan = plan or Plan(source="none")
@@ -290,7 +300,6 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
             "model class (e.g. FluxTransformer2DModel.from_single_file(path, config=...)) and pass it as "
             "transformer= to the pipeline's from_pretrained"
         )
-    enforce(plan, _pipeline_components(cls, None, kwargs), whole_pipeline=True)
     report = Report(plan=str(plan), offload=plan.offload)
     # Components are built by the library's converters (some bypass the hooks), so load them all
     # unquantized with the hooks quiet, then quantize each chosen one module by module. The denoiser of a

@@ -283,6 +283,7 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     if plan is None and active is not None:
         plan = active.plan
     report = active.report if active is not None else None
+    check_plan_first(cls, pretrained, kwargs, plan)
     # A saved quantized component is recognised from its config and headers before anything else is read.
     folder = _resolve_folder(pretrained, kwargs)
     check_folder_pickles(folder)
@@ -308,9 +309,17 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     if spec.backend == "gguf" and spec.qtype.lower().endswith(".gguf"):
         # transformer=gguf:/path/file.gguf: the file replaces this component; its folder gives the config.
         return load_gguf(load, spec.qtype, kwargs, plan, config=folder)
-    if active is None:  # a model loaded on its own: check its one component now
-        enforce(plan, [Component(name, kind, cls.__name__)])
     return load_quantized(original, load, pretrained, args, kwargs, plan, spec)
+
+
+def check_plan_first(cls: type, pretrained, kwargs: dict, plan: Plan | None) -> None:
+    """A model loaded on its own (in a pipeline, the pipeline's hook has checked the whole plan): the rules
+    for its one component, before any of its weight files is opened (a pickle unpickled, a header read)."""
+    if plan is None or ACTIVE_PIPELINE.get() is not None or kwargs.get("quantization_config") is not None:
+        return
+    name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
+    if plan.spec_for(name, kind) is not None:
+        enforce(plan, [Component(name, kind, cls.__name__)])
 
 
 def component_report(name: str, module, kind: str) -> ComponentReport:

@@ -184,15 +184,19 @@ def problems(
                 f"plan pattern(s) {', '.join(repr(p) for p in unused)} match no component; "
                 f"this pipeline has: {names}"
             )
+    files: list[tuple[str, str]] = []  # (component, GGUF file): their magic is read only if all else is well
     for c in components:
         spec = plan.spec_for(c.name, c.kind, pipeline=whole_pipeline)
         if spec is None:
             continue
         if is_file_spec(spec):
-            missing = _gguf_file_problem(spec.qtype)
-            if missing:
-                found.append(f"{c.name}: {missing}")
+            if not os.path.exists(spec.qtype):
+                found.append(
+                    f"{c.name}: GGUF file {spec.qtype!r} does not exist; fix: give the path of an existing "
+                    ".gguf file"
+                )
                 continue
+            files.append((c.name, spec.qtype))
         backend = get_backend(spec.backend)
         if not backend.is_available():
             found.append(
@@ -207,6 +211,8 @@ def problems(
                 f"{c.name} ({c.kind}) with {spec}, offload={plan.offload}, device={dev}: {v.reason}; "
                 f"fix: {v.fix}"
             )
+    if not found:  # a refused plan opens no weight file, not even for its magic
+        found += [f"{name}: {problem}" for name, path in files if (problem := _gguf_file_problem(path))]
     return found
 
 

@@ -207,3 +207,117 @@ def test_a_damaged_model_index_is_named(flux_path, tmp_path):
         finally:
             diffusers_quant.uninstall()
         assert (folder / "model_index.json").read_text() == text
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".ckpt", ".sft", ".pt", ".pth")
+_OPENED: list[str] | None = None  # paths opened while a test records them (the audit hook stays installed)
+
+
+def _audit(event, args):
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes)):
+        _OPENED.append(str(args[0]))
+
+
+@pytest.fixture
+def weight_reads(monkeypatch):
+    """The weight files opened during the test: Python's own opens (the ``open`` audit event: open, io.open,
+    os.open, the header readers, torch.load) and safetensors' Rust ones (its entry points patched)."""
+    global _OPENED
+    import safetensors
+    import safetensors.torch
+
+    if not getattr(sys, "_diffusers_quant_audit", False):
+        sys.addaudithook(_audit)
+        sys._diffusers_quant_audit = True
+    opened: list[str] = []
+
+    def recording(original):
+        def call(path, *args, **kwargs):
+            opened.append(str(path))
+            return original(path, *args, **kwargs)
+
+        return call
+
+    for owner in (safetensors, safetensors.torch):
+        monkeypatch.setattr(owner, "safe_open", recording(owner.safe_open))
+    monkeypatch.setattr(safetensors.torch, "load_file", recording(safetensors.torch.load_file))
+    _OPENED = opened
+    yield lambda: [p for p in opened if p.lower().endswith(_WEIGHT_SUFFIXES)]
+    _OPENED = None
+
+
+REFUSED = "offload=balanced"  # quanto with balanced offload: refused by the rules for every component
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "model from_pretrained",
+        "model from_pretrained, saved quantized",
+        "model from_pretrained, pickle weights",
+        "model from_single_file",
+        "model from_single_file, pickle",
+        "model from_single_file, gguf",
+        "transformers from_pretrained",
+        "pipeline from_pretrained",
+        "pipeline from_pretrained, a GGUF file in the plan",
+        "pipeline from_single_file",
+    ],
+)
+def test_every_entry_point_refuses_a_plan_before_opening_any_weight_file(
+    entry, sd_path, tmp_path, weight_reads
+):
+    """Issue 14, finding 6: model-level loads read the weight file's header (or unpickled a .bin) before the
+    rules refused the plan; now every entry point checks the plan first."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    unet_plan = f"unet=quanto:qint8;{REFUSED}"
+    single = tmp_path / "unet.safetensors"
+    if "single_file" in entry or "saved" in entry or "pickle" in entry:
+        unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+        save_file(unet.state_dict(), str(single))
+        if "saved" in entry:
+            diffusers_quant.quantize(unet, "nncf:int8", kind="unet")
+            diffusers_quant.save_quantized(unet, tmp_path / "saved")
+        if "pickle" in entry:
+            unet.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+            torch.save(unet.state_dict(), tmp_path / "unet.ckpt")
+    gguf = tmp_path / "unet.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))  # refused before it is opened: its contents never matter
+    loads = {
+        "model from_pretrained": lambda: UNet2DConditionModel.from_pretrained(
+            sd_path, subfolder="unet", quant=unet_plan
+        ),
+        "model from_pretrained, saved quantized": lambda: UNet2DConditionModel.from_pretrained(
+            tmp_path / "saved", quant=f"saved=quanto:qint8;{REFUSED}"
+        ),
+        "model from_pretrained, pickle weights": lambda: UNet2DConditionModel.from_pretrained(
+            tmp_path / "pickled", quant=f"pickled=quanto:qint8;{REFUSED}"
+        ),
+        "model from_single_file": lambda: UNet2DConditionModel.from_single_file(
+            str(single), config=str(sd_path), subfolder="unet", quant=unet_plan
+        ),
+        "model from_single_file, pickle": lambda: UNet2DConditionModel.from_single_file(
+            str(tmp_path / "unet.ckpt"), config=str(sd_path), subfolder="unet", quant=unet_plan
+        ),
+        "model from_single_file, gguf": lambda: UNet2DConditionModel.from_single_file(
+            str(gguf), config=str(sd_path), subfolder="unet", quant=unet_plan
+        ),
+        "transformers from_pretrained": lambda: CLIPTextModel.from_pretrained(
+            sd_path, subfolder="text_encoder", quant=f"text_encoder=quanto:qint8;{REFUSED}"
+        ),
+        "pipeline from_pretrained": lambda: StableDiffusionPipeline.from_pretrained(sd_path, quant=unet_plan),
+        "pipeline from_pretrained, a GGUF file in the plan": lambda: StableDiffusionPipeline.from_pretrained(
+            sd_path, quant=f"unet=gguf:{gguf},text_encoder=quanto:qint8;{REFUSED}"
+        ),
+        "pipeline from_single_file": lambda: StableDiffusionPipeline.from_single_file(
+            str(single), config=str(sd_path), quant=unet_plan
+        ),
+    }
+    diffusers_quant.install()
+    before = weight_reads()
+    with pytest.raises(PlanRefused, match=r"with (quanto:qint8|gguf:\S+), offload=balanced.*fix: "):
+        loads[entry]()
+    assert weight_reads() == before, f"{entry} opened weight files before refusing the plan"
