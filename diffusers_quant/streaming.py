@@ -11,16 +11,16 @@ that need a conversion) is known before a single weight is read.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from .components import fp32_modules, is_transformers_class, select_linears
 from .errors import QuantError
+from .files import read_json_object
 from .post_load import quantize_linear_into
 from .spec import Spec
 
@@ -48,12 +48,45 @@ def find_safetensors(folder: str | os.PathLike, variant: str | None = None) -> l
         name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
         index = folder / f"{name}.index.json"
         if index.is_file():
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return [folder / s for s in shards]
+            return index_shards(index)
         if (folder / name).is_file():
             return [folder / name]
     return None
+
+
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names, checked: a JSON object whose ``weight_map``
+    maps tensor names to ``.safetensors`` file names in the index's own folder, each of which exists."""
+    folder = index.parent
+    weight_map = read_json_object(index, "safetensors index").get("weight_map")
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(shard, str) and shard for shard in weight_map.values())
+    ):
+        raise QuantError(
+            f"{index}: damaged safetensors index (its weight_map must map each tensor name to a shard file "
+            f"name, got {str(weight_map)[:80]}); fix: save the model again, or re-download the index"
+        )
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        parts = PurePosixPath(shard.replace("\\", "/")).parts
+        if os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts or len(parts) != 1:
+            raise QuantError(
+                f"{index}: shard {shard[:200]!r} is not a file name in {folder} (a path outside the folder); "
+                "fix: save the model again, or re-download the index"
+            )
+        if not shard.endswith(".safetensors"):
+            raise QuantError(
+                f"{index}: shard {shard[:200]!r} is not a .safetensors file; fix: save the model again, or "
+                "re-download the index"
+            )
+        if not (folder / shard).is_file():
+            raise QuantError(
+                f"{index}: names shard {shard!r}, which is not in {folder}; fix: download the missing shard, "
+                "or save the model again"
+            )
+    return [folder / shard for shard in shards]
 
 
 def header_keys(files: list[Path]) -> dict[str, Path]:

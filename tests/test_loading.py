@@ -225,3 +225,71 @@ def test_a_folder_saved_by_another_quantizer_is_never_quantized_again(tmp_path, 
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert main(["inspect", str(folder)]) == 0
     assert f"saved by {method}" in capsys.readouterr().out
+
+
+def _folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, flux_path):
+    """The demo transformer saved in shards, plain and quantized (this package's layout)."""
+    from diffusers import FluxTransformer2DModel
+
+    root = tmp_path_factory.mktemp("sharded")
+    model = FluxTransformer2DModel.from_pretrained(flux_path, subfolder="transformer")
+    model.save_pretrained(root / "plain", max_shard_size="200KB")
+    diffusers_quant.quantize(model, "nncf:int8", kind="transformer")
+    diffusers_quant.save_quantized(model, root / "quantized", max_shard_size="200KB")
+    return root
+
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _damaged_indexes(index: dict):
+    shard = next(iter(index["weight_map"].values()))
+    name = next(iter(index["weight_map"]))
+    yield "{", r"not a readable safetensors index \(JSONDecodeError"
+    yield "[1, 2]", r"damaged safetensors index \(a JSON list, not an object\)"
+    yield {"metadata": {}}, r"damaged safetensors index \(its weight_map must map each tensor name"
+    yield {**index, "weight_map": [shard]}, "its weight_map must map each tensor name"
+    yield {**index, "weight_map": {**index["weight_map"], name: 5}}, "its weight_map must map"
+    yield {**index, "weight_map": {**index["weight_map"], name: "../" + shard}}, r"is not a file name in .*"
+    yield {**index, "weight_map": {**index["weight_map"], name: "/etc/passwd"}}, r"a path outside the folder"
+    yield {**index, "weight_map": {**index["weight_map"], name: "nope.safetensors"}}, r"names shard 'nope"
+    yield {**index, "weight_map": {**index["weight_map"], name: "model.bin"}}, "is not a .safetensors file"
+
+
+@pytest.mark.parametrize("kind", ["plain", "quantized"])
+def test_a_damaged_shard_index_is_named(sharded, tmp_path, kind):
+    """Issue 14, finding 7: a corrupt *.safetensors.index.json gave JSONDecodeError / KeyError from the
+    streaming and the saved-folder readers; now our error names the index, and the folder is left as it was."""
+    import json
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_quant.errors import QuantError
+
+    folder = tmp_path / "transformer"
+    index = json.loads((sharded / kind / INDEX).read_text())
+    for damaged, message in _damaged_indexes(index):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(sharded / kind, folder)
+        (folder / INDEX).write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+        before = _folder_bytes(folder)
+        diffusers_quant.install("transformer=quanto:qint8;mode=on-load")
+        try:
+            with pytest.raises(QuantError, match=message) as info:
+                FluxTransformer2DModel.from_pretrained(folder)
+        finally:
+            diffusers_quant.uninstall()
+        assert str(folder / INDEX) in str(info.value), damaged
+        assert "fix: " in str(info.value)
+        assert _folder_bytes(folder) == before
+    shutil.rmtree(folder)
+    shutil.copytree(sharded / kind, folder)
+    with diffusers_quant.quantized("transformer=quanto:qint8;mode=on-load"):
+        model = FluxTransformer2DModel.from_pretrained(folder)  # the intact index loads
+    assert model.quant_report["transformer"].mode == ("on-load" if kind == "plain" else "pre-quantized")
