@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .components import Component, kind_of_class
+from .components import Component, count_linears, kind_of_class
 from .detect import FORMATS, detect_file
 from .errors import PlanRefused, QuantError
 from .files import read_json_object
@@ -43,7 +43,8 @@ from .nf4_files import NF4_FORMAT, load_nf4_file
 from .offload import place_model, place_pipeline, planned_maps
 from .pickles import check_pickle, is_pickle_checkpoint
 from .plugin import announce_report
-from .report import Report
+from .post_load import state_nbytes
+from .report import ComponentReport, Report
 from .rules import enforce, problems
 from .spec import Plan
 
@@ -232,13 +233,46 @@ def _finish_pipeline(pipe, plan: Plan, report: Report):
     return pipe
 
 
-def _own_row(name: str, module):
-    """The report row of a component loaded on its own through the hooks and passed in, under its name here."""
+def _one_row(module):
     own = getattr(module, "quant_report", None)
     rows = own.components if own is not None else []
-    if len(rows) != 1:
+    return rows[0] if len(rows) == 1 else None
+
+
+def _own_row(name: str, module):
+    """The report row of a component loaded on its own through the hooks and passed in, under its name here.
+    Models passed in as a list (ControlNets, which diffusers wraps in one MultiControlNetModel) make one row
+    adding up theirs, a model of them left unquantized counted as ``none``."""
+    row = _one_row(module)
+    if row is not None:
+        return dataclasses.replace(row, name=name)
+    from diffusers import ModelMixin
+
+    parts, inside = [], set()
+    for m in module.modules():
+        if m is not module and id(m) not in inside and isinstance(m, ModelMixin):
+            parts.append(m)
+            inside.update(id(x) for x in m.modules())
+    rows = [_one_row(m) for m in parts]
+    done = [r for r in rows if r is not None]
+    if not done:
         return None
-    return dataclasses.replace(rows[0], name=name)
+    unquantized = ["none"] if len(done) < len(rows) else []
+    nbytes = state_nbytes(module)
+    return ComponentReport(
+        name=name,
+        kind=kind_of_class(type(module)),
+        class_name=type(module).__name__,
+        spec="+".join(dict.fromkeys([*(r.spec or "none" for r in done), *unquantized])),
+        mode="+".join(dict.fromkeys([*(r.mode for r in done), *unquantized])),
+        bytes_before=nbytes + sum(r.bytes_before - r.bytes_after for r in done),
+        bytes_after=nbytes,
+        layers_quantized=sum(r.layers_quantized for r in done),
+        linears_total=count_linears(module)
+        + sum(r.linears_total - count_linears(m) for m, r in zip(parts, rows, strict=True) if r),
+        seconds=sum(r.seconds for r in done),
+        device=done[0].device,
+    )
 
 
 def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *args, **kwargs):
@@ -246,11 +280,11 @@ def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *a
     plan = _call_plan(kwargs) or ambient_plan() or Plan(source="none")
     folder = _local_folder(pretrained)
     components = _pipeline_components(cls, folder, kwargs)
-    passed = [
-        Component(name, kind_of_class(type(value)), type(value).__name__)
-        for name, value in kwargs.items()
-        if isinstance(value, torch.nn.Module)
-    ]
+    passed = []
+    for name, value in kwargs.items():  # a list of models too: several ControlNets, made one by diffusers
+        models = value if isinstance(value, (list, tuple)) else [value]
+        if models and all(isinstance(m, torch.nn.Module) for m in models):
+            passed.append(Component(name, kind_of_class(type(models[0])), type(models[0]).__name__))
     found = problems(plan, components, whole_pipeline=True, passed=passed)
     if folder is not None:  # a budget below a block's size is refused too, before any weight is read
         try:

@@ -88,11 +88,21 @@ def announce(row) -> None:
     if not ANNOUNCE:
         return
     spec = row.spec or "-"
-    print(
+    _print(
         f"diffusers-quant: {row.name}: {spec} ({row.mode}) {row.bytes_before / 2**30:.2f} GiB -> "
-        f"{row.bytes_after / 2**30:.2f} GiB ({row.ratio:.2f}x) in {row.seconds:.1f}s",
-        file=sys.stderr,
+        f"{row.bytes_after / 2**30:.2f} GiB ({row.ratio:.2f}x) in {row.seconds:.1f}s"
     )
+
+
+def _print(line: str) -> None:
+    """A line on stderr on its own line, also while a library's progress bar is drawn there (a pipeline's
+    "Loading pipeline components" bar is, when its components announce themselves)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # diffusers needs tqdm; a process without it has no bar to step around
+        print(line, file=sys.stderr)
+        return
+    tqdm.write(line, file=sys.stderr)
 
 
 def announce_report(report) -> None:

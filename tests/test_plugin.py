@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -250,3 +251,195 @@ def test_run_names_what_is_missing(capsys, tmp_path, monkeypatch):
     assert "-m no_such_app_module: no module of that name here" in capsys.readouterr().err
     assert main(["run", "--quant", "transformer=bnb:nf4", str(tmp_path / "missing.py")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+# --- the other ways real apps load: app scripts in tests/apps/, each run under one way in ------------------
+
+APPS = Path(__file__).parent / "apps"
+
+
+def _report_rows(stderr: str) -> dict[str, list[str]]:
+    """The rows of the report printed with DIFFUSERS_QUANT_VERBOSE=1: name -> [spec, mode, layers]."""
+    lines = re.split(r"[\r\n]", stderr)
+    rows = {}
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("component  ") and set(lines[i + 1]) == {"-", " "}:
+            for row in lines[i + 2 :]:
+                fields = row.split()
+                if len(fields) != 11:  # the sizes are "1.26 MiB"
+                    break
+                rows[fields[0]] = fields[1:4]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def controlnets(sd_path, tmp_path_factory):
+    """Two ControlNets made from the demo SD UNet (as diffusers' training script starts one), saved as
+    downloaded ControlNets are: folders whose names are not the pipeline's component name."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+    folder = tmp_path_factory.mktemp("controlnets")
+    paths = []
+    for seed, name in enumerate(("canny-controlnet", "depth-controlnet")):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        for p in net.controlnet_down_blocks.parameters():  # trained zero convolutions are not zero
+            torch.nn.init.normal_(p, std=0.02)
+        net.save_pretrained(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def test_the_default_plan_leaves_a_controlnet_passed_in_full_precision_and_says_so(sd_path, controlnets):
+    """The default plan (model=bnb:nf4) is the UNet / transformer: a ControlNet loaded on its own and passed
+    in is left as it is, and the report says so: of two passed as a list (one quantized by its own call's
+    plan), one row saying what each net is."""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    import diffusers_quant
+
+    diffusers_quant.install(plugin.resolve_plan(None, "cli"))  # what `diffusers-quant run app.py` installs
+    bf16 = {"dtype": torch.bfloat16}
+    net = ControlNetModel.from_pretrained(controlnets[0], **bf16)
+    quantized = ControlNetModel.from_pretrained(controlnets[1], quant="controlnet=quanto:qint8", **bf16)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(sd_path, controlnet=[quantized, net], **bf16)
+    assert {type(m).__name__ for m in net.modules()}.isdisjoint({"Linear4bit", "QLinear"})
+    assert not hasattr(net, "quant_report") and pipe.quant_report["unet"].spec == "bnb:nf4"
+    row, own = pipe.quant_report["controlnet"], quantized.quant_report["depth-controlnet"]
+    assert (row.spec, row.mode, row.class_name) == (
+        "quanto:qint8+none",
+        "on-load+none",
+        "MultiControlNetModel",
+    )
+    assert row.layers_quantized == own.layers_quantized > 0 and row.linears_total == 2 * own.linears_total
+    assert row.bytes_before - row.bytes_after == own.bytes_before - own.bytes_after > 0
+
+
+def test_a_plan_naming_controlnet_quantizes_each_of_several_controlnets(sd_path, controlnets, tmp_path):
+    """A plan naming controlnet= quantizes each ControlNet the app loads on its own (by kind: their folders
+    are called otherwise), also when the app passes them as a list; the report has one row adding up both."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    plugin.autoload_enable(site)
+    out = tmp_path / "r.json"
+    argv = ["--model", str(sd_path), "--report", str(out)]
+    argv += [a for path in controlnets for a in ("--controlnet", str(path))]
+    plan = {"DIFFUSERS_QUANT": "unet=bnb:nf4,controlnet=quanto:qint8", "DIFFUSERS_QUANT_VERBOSE": "1"}
+    proc = _autoload_child(site, APPS / "controlnet.py", argv, plan)
+    report = _report(out, proc)
+    assert all("QLinear" in net for net in report["nets"]) and "Linear4bit" in report["unet"]
+    assert report["image"] == [32, 32, 3] and report["finite"]
+    # each announce line on a line of its own, also the UNet's, printed while diffusers draws its
+    # "Loading pipeline components" bar
+    lines = re.split(r"[\r\n]", proc.stderr)
+    for line in (
+        "diffusers-quant: canny-controlnet: quanto:qint8 (on-load)",
+        "diffusers-quant: depth-controlnet: quanto:qint8 (on-load)",
+        "diffusers-quant: unet: bnb:nf4 (on-load)",
+    ):
+        assert any(x.startswith(line) for x in lines), line
+    assert "Loading pipeline components" in proc.stderr
+    rows = _report_rows(proc.stderr)
+    spec, mode, layers = rows["controlnet"]
+    quantized, total = map(int, layers.split("/"))
+    assert (spec, mode) == ("quanto:qint8", "on-load") and quantized > total / 2 and quantized % 2 == 0
+
+
+def test_a_community_pipeline_from_a_local_file_is_quantized(sd_path, tmp_path):
+    """DiffusionPipeline.from_pretrained(model, custom_pipeline=<a local .py file>): the app's own pipeline
+    class, built from the folder's components, quantized as the plan says."""
+    out = tmp_path / "r.json"
+    proc = _child(
+        [sys.executable, "-m", "diffusers_quant", str(APPS / "community.py"), "--model", str(sd_path)]
+        + ["--report", str(out)],
+        {
+            "DIFFUSERS_QUANT": "unet=bnb:nf4,text_encoder=quanto:qint8",
+            "DIFFUSERS_QUANT_VERBOSE": "1",
+            "HF_MODULES_CACHE": str(tmp_path / "modules"),  # where diffusers copies the pipeline's code
+        },
+    )
+    report = _report(out, proc)
+    assert report["pipeline"] == "TwoStepTextToImage"
+    assert "Linear4bit" in report["unet"] and "QLinear" in report["text_encoder"]
+    assert report["image"] == [32, 32, 3] and report["finite"]
+    rows = _report_rows(proc.stderr)
+    assert rows["unet"][:2] == ["bnb:nf4", "on-load"] and rows["text_encoder"][:2] == [
+        "quanto:qint8",
+        "on-load",
+    ]
+    assert rows["vae"][:2] == ["-", "none"]
+
+
+@pytest.fixture(scope="module")
+def sd_checkpoint(sd_path, tmp_path_factory):
+    """The demo SD pipeline as one original-layout file (as SD 1.x checkpoints are downloaded) and a LoRA for
+    its UNet in diffusers' format."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from sd_original import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    write_checkpoint(sd_path, folder / "tiny-sd-v1.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, m in unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_v", "attn2.to_q")):
+            lora[f"unet.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.1
+            lora[f"unet.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.1
+    save_file(lora, str(folder / "style-lora.safetensors"))
+    return folder / "tiny-sd-v1.safetensors", folder / "style-lora.safetensors"
+
+
+def test_the_original_layout_test_checkpoint_is_the_demo_pipeline(sd_path, sd_checkpoint):
+    """The file is what the single-file test claims: diffusers' own converters make the demo's weights of it."""
+    from diffusers import StableDiffusionPipeline
+    from sd_original import same_weights
+
+    single = StableDiffusionPipeline.from_single_file(str(sd_checkpoint[0]), config=str(sd_path))
+    folder = StableDiffusionPipeline.from_pretrained(sd_path)
+    for name in ("unet", "vae", "text_encoder"):
+        assert same_weights(getattr(single, name), getattr(folder, name)), name
+
+
+def test_a_single_file_app_with_a_lora_after_load_is_quantized(sd_path, sd_checkpoint, tmp_path):
+    """StableDiffusionPipeline.from_single_file(checkpoint) then load_lora_weights, as a UI does: the default
+    plan quantizes the UNet after diffusers' converters ran, the LoRA sits on its 4-bit layers."""
+    checkpoint, lora = sd_checkpoint
+    out = tmp_path / "r.json"
+    proc = _child(
+        [*_cli(), "run", str(APPS / "single_file.py"), str(checkpoint), "--config", str(sd_path)]
+        + ["--report", str(out), "--lora", str(lora)],
+        {"DIFFUSERS_QUANT_VERBOSE": "1"},
+    )
+    report = _report(out, proc)
+    assert "Linear4bit" in report["unet"] and report["text_encoder"] == ["Linear"]
+    assert report["adapters"] == ["lora0"] and report["lora_layers"] == 12
+    assert report["image"] == [32, 32, 3] and report["finite"]
+    assert "diffusers-quant: unet: bnb:nf4 (post-load)" in proc.stderr
+    rows = _report_rows(proc.stderr)
+    assert rows["unet"][:2] == ["bnb:nf4", "post-load"] and rows["text_encoder"][:2] == ["-", "none"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("placement", [["--offload"], ["--device", "cuda"]], ids=["model-offload", "to-cuda"])
+def test_a_single_file_app_that_offloads_after_the_lora_runs_on_the_gpu(
+    sd_path, sd_checkpoint, tmp_path, placement
+):
+    """The same app calling pipe.enable_model_cpu_offload() (diffusers refuses it without an accelerator:
+    "requires accelerator, but not found"), or pipe.to("cuda"), after the LoRA: the UNet quantized on the
+    CPU by the default plan moves to the GPU as it is and generates."""
+    checkpoint, lora = sd_checkpoint
+    out = tmp_path / "r.json"
+    proc = _child(
+        [*_cli(), "run", str(APPS / "single_file.py"), str(checkpoint), "--config", str(sd_path)]
+        + ["--report", str(out), "--lora", str(lora), *placement]
+    )
+    report = _report(out, proc)
+    assert "Linear4bit" in report["unet"] and report["lora_layers"] == 12
+    assert report["offloaded"] == (placement == ["--offload"])
+    assert report["image"] == [32, 32, 3] and report["finite"]
