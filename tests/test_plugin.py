@@ -441,5 +441,7 @@ def test_a_single_file_app_that_offloads_after_the_lora_runs_on_the_gpu(
     )
     report = _report(out, proc)
     assert "Linear4bit" in report["unet"] and report["lora_layers"] == 12
-    assert report["offloaded"] == (placement == ["--offload"])
+    assert report["offloaded"] == (placement == ["--offload"]) and report["ran_on"].startswith("cuda")
+    # offloaded: the UNet is back on the CPU after its turn; else it stays on the GPU
+    assert report["unet_on"].startswith("cpu" if report["offloaded"] else "cuda")
     assert report["image"] == [32, 32, 3] and report["finite"]

@@ -32,6 +32,8 @@ with open(args.report, "w") as f:
             "adapters": pipe.get_active_adapters(),
             "lora_layers": sum(hasattr(x, "lora_A") for x in pipe.unet.modules()),
             "offloaded": getattr(pipe, "_offload_device", None) is not None,
+            "ran_on": str(pipe._execution_device),
+            "unet_on": str(pipe.unet.device),
             "image": list(image.shape),
             "finite": bool((image == image).all()),
         },
