@@ -409,7 +409,10 @@ def load_gguf_model(
     try:
         file = read_gguf(path)
     except GGUFError as exc:
-        raise QuantError(str(exc)) from None
+        message = str(exc)
+        if "; fix: " not in message:
+            message += "; fix: the file is damaged or not a GGUF file: download or export it again"
+        raise QuantError(message) from None
     names = file.names()
     mixed = sorted({n.split(".")[0] for n in names if n.startswith(ALL_IN_ONE_PREFIXES)})
     if mixed:
