@@ -286,3 +286,15 @@ def test_a_type_with_no_decoder_is_refused_before_any_tensor_is_read(tmp_path, m
         f"{path}: 1 tensor(s) of ggml type(s) this loader cannot decode: 'x_embedder.weight' (Q8_1)"
     )
     assert "activation format" in message and "fix: re-quantize" in message
+
+
+def test_an_unreadable_config_folder_is_the_projects_error(tmp_path, tiny):
+    model, config, _ = tiny
+    path = tmp_path / "ok.gguf"
+    write_gguf(path, model.state_dict(), "Q8_0", arch="flux", config=config)
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(
+        QuantError,
+        match=rf"{re.escape(str(missing))}: cannot read the config of FluxTransformer2DModel for .*ok.gguf .*; fix: pass config=",
+    ):
+        _load(path, config=str(missing))
