@@ -105,6 +105,25 @@ def header_keys(files: list[Path]) -> dict[str, Path]:
     return keys
 
 
+def header_tensors(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Every tensor name of a checkpoint -> (the file holding it, its safetensors dtype, its shape), from
+    the headers alone (safetensors' own reader checks them; nothing else is read)."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    found[key] = (path, piece.get_dtype(), tuple(piece.get_shape()))
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise QuantError(
+                f"{path}: not a readable safetensors file ({exc}); fix: re-save or re-download it"
+            ) from None
+    return found
+
+
 def build_empty(cls: type, folder: str | os.PathLike) -> torch.nn.Module:
     """The model from its config alone, parameters on the meta device (buffers real, as accelerate does)."""
     from accelerate import init_empty_weights
