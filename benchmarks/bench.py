@@ -45,6 +45,8 @@ PEAK_OVER_RESIDENT_MAX = 1.15
 HOST_PEAK_OVER_CKPT_MAX = 1.1
 LOAD_RATIO_MAX = 1.5
 REL_L2_OVER_PLAIN_MAX = 1.05
+# Issue 12: weight-only step time within 10% of bf16, eager against bf16 eager, compiled against bf16 compiled.
+STEP_RATIO_MAX = 1.10
 
 # Plain-diffusers equivalents of our qtypes.
 PLAIN_QUANTO = {"qint8": "int8", "qint4": "int4", "qfloat8": "float8"}
@@ -699,7 +701,36 @@ def run_worker(job: dict) -> dict:
     out, steps = time_steps(model, inputs, defn, job["device"])
     result.update(steps)
     result.update(compare(out, job))
+    if job.get("compiled"):
+        result.update(compiled_steps(model, inputs, defn, job))
     return result
+
+
+def compiled_steps(model, inputs: dict, defn: ModelDef, job: dict) -> dict:
+    """The same steps with the blocks compiled (diffusers' ``compile_repeated_blocks``: each block class
+    compiled once), the graph breaks dynamo counted, and the output's rel_l2 against the bf16 eager one."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    started = time.perf_counter()
+    try:
+        model.compile_repeated_blocks(fullgraph=False)
+        out, steps = time_steps(model, inputs, defn, job["device"])
+    except Exception as e:  # a row whose layers cannot be compiled: say so, keep its eager figures
+        return {"compiled_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    figures = {
+        "compiled_step_ms": steps["step_ms"],
+        "compile_and_steps_s": time.perf_counter() - started,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "graph_break_reasons": sorted(counters["graph_break"])[:5],
+    }
+    ref = Path(job["ref"])
+    if ref.exists():
+        reference = torch.load(ref).double()
+        figures["compiled_rel_l2"] = float((out.double() - reference).norm() / reference.norm())
+    return figures
 
 
 def _loadavg() -> float | None:
@@ -900,6 +931,7 @@ def _job(run: Run, row: Row, gguf: Path | None) -> dict:
         "warmup": defn.warmup,
         "steps": defn.steps,
         "threads": run.args.threads,
+        "compiled": bool(getattr(run.args, "compiled", False)),
     }
 
 
@@ -1012,6 +1044,8 @@ def summarize(rows: list[dict], device: str) -> None:
             continue
         r["resident_bytes"] = _resident(r, device)
         r["step_ratio"] = _ratio(r.get("step_ms"), base.get("step_ms"))
+        r["compiled_vs_eager_bf16"] = _ratio(r.get("compiled_step_ms"), base.get("step_ms"))
+        r["compiled_ratio"] = _ratio(r.get("compiled_step_ms"), base.get("compiled_step_ms"))
         r["mem_ratio"] = _ratio(r["resident_bytes"], _resident(base, device))
         r["load_ratio"] = _ratio(r.get("load_s"), base.get("load_s"))
         r["peak_over_resident"] = _ratio(r.get("gpu_peak_during_load"), r.get("gpu_resident_after_load"))
@@ -1024,6 +1058,10 @@ def summarize(rows: list[dict], device: str) -> None:
             "host_peak<=1.1x_ckpt": _check(r["host_peak_over_ckpt"], HOST_PEAK_OVER_CKPT_MAX),
             "load_ratio<=1.5": _check(r["load_ratio"], LOAD_RATIO_MAX),
             "rel_l2<=1.05x_plain": _check(rel_vs_plain, REL_L2_OVER_PLAIN_MAX),
+        }
+        r["speed_checks"] = {
+            "step<=1.10x": _check(r["step_ratio"], STEP_RATIO_MAX),
+            "compiled<=1.10x": _check(r["compiled_ratio"], STEP_RATIO_MAX),
         }
 
 
@@ -1084,6 +1122,47 @@ def rows_table(rows: list[dict], device: str) -> list[str]:
                 *(_mark(v) for v in c.values()),
                 "ok",
             ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def speed_table(rows: list[dict]) -> list[str]:
+    """Step times eager and compiled (``--compiled``), each against bf16's, with issue 12's 1.10x targets."""
+    ok = [r for r in rows if r["status"] == "ok" and ("compiled_step_ms" in r or "compiled_error" in r)]
+    if not ok:
+        return []
+    head = [
+        "row",
+        "eager ms",
+        "eager × bf16",
+        "compiled ms",
+        "compiled × bf16 eager",
+        "compiled × bf16 compiled",
+        "graph breaks",
+        "rel_l2 compiled",
+        "eager≤1.10×",
+        "compiled≤1.10×",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ok:
+        if "compiled_error" in r:
+            lines.append(
+                f"| {r['id']} | {_num(r['step_ms'], '{:.2f}')} | {_num(r['step_ratio'])} | "
+                f"failed: {_cell(r['compiled_error'])[:120]} ||||||"
+            )
+            continue
+        checks = r.get("speed_checks", {})
+        cells = [
+            r["id"],
+            _num(r["step_ms"], "{:.2f}"),
+            _num(r["step_ratio"], "{:.3f}"),
+            _num(r["compiled_step_ms"], "{:.2f}"),
+            _num(r["compiled_vs_eager_bf16"], "{:.3f}"),
+            _num(r["compiled_ratio"], "{:.3f}"),
+            str(r.get("graph_breaks", "-")),
+            _num(r.get("compiled_rel_l2"), "{:.4f}"),
+            *(_mark(checks.get(k)) for k in ("step<=1.10x", "compiled<=1.10x")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -1159,6 +1238,9 @@ def markdown(run: Run) -> str:
         "",
         *rows_table(run.rows, run.device),
     ]
+    speed = speed_table(run.rows)
+    if speed:
+        lines += ["", "## Step time, eager and compiled (`compile_repeated_blocks`)", "", *speed]
     pairs = pairs_table(run.rows)
     if pairs:
         lines += ["", "## Ours vs plain diffusers (same format)", "", *pairs]
@@ -1322,6 +1404,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="reuse ok rows of an earlier run in --out")
     p.add_argument("--threads", type=int, help="torch threads in each row (default: torch's default)")
     p.add_argument("--list", action="store_true", help="print the row ids and exit")
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time each row with its blocks compiled (compile_repeated_blocks), against compiled bf16",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--build", help=argparse.SUPPRESS)
     p.add_argument("--write-gguf", help=argparse.SUPPRESS)

@@ -25,6 +25,7 @@ from ...fused import fast_path_wanted, fused
 from .dequant import (
     _COMPUTE_DTYPE_TYPES,
     DEQUANTIZERS,
+    PLAIN_QTYPES,
     block_info,
     blocks_nbytes,
     dequantize,
@@ -98,7 +99,7 @@ class GGUFWeight:
 
     @property
     def is_quantized(self) -> bool:
-        return self.qtype not in ("F32", "F16", "BF16")
+        return self.qtype not in PLAIN_QTYPES
 
     def dequantize(
         self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
