@@ -45,7 +45,7 @@ from .pickles import check_pickle, is_pickle_checkpoint
 from .plugin import announce_report
 from .post_load import state_nbytes
 from .report import ComponentReport, Report
-from .rules import enforce, problems
+from .rules import problems
 from .spec import Plan
 
 ENV_VAR = "DIFFUSERS_QUANT"
@@ -275,17 +275,23 @@ def _own_row(name: str, module):
     )
 
 
+def _passed_in(kwargs: dict) -> list[Component]:
+    """The components the caller passed in already loaded (a pattern matching one is not unused); a list of
+    models too: several ControlNets, which diffusers makes one."""
+    passed = []
+    for name, value in kwargs.items():
+        models = value if isinstance(value, (list, tuple)) else [value]
+        if models and all(isinstance(m, torch.nn.Module) for m in models):
+            passed.append(Component(name, kind_of_class(type(models[0])), type(models[0]).__name__))
+    return passed
+
+
 def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *args, **kwargs):
     # With no plan the load still runs under an empty one, so components saved quantized are reported.
     plan = _call_plan(kwargs) or ambient_plan() or Plan(source="none")
     folder = _local_folder(pretrained)
     components = _pipeline_components(cls, folder, kwargs)
-    passed = []
-    for name, value in kwargs.items():  # a list of models too: several ControlNets, made one by diffusers
-        models = value if isinstance(value, (list, tuple)) else [value]
-        if models and all(isinstance(m, torch.nn.Module) for m in models):
-            passed.append(Component(name, kind_of_class(type(models[0])), type(models[0]).__name__))
-    found = problems(plan, components, whole_pipeline=True, passed=passed)
+    found = problems(plan, components, whole_pipeline=True, passed=_passed_in(kwargs))
     if folder is not None:  # a budget below a block's size is refused too, before any weight is read
         try:
             planned_maps(plan, folder, components, kwargs.get("dtype") or kwargs.get("torch_dtype"))
@@ -316,7 +322,11 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
     pretrained = _require_local_file(pretrained)
     plan = _call_plan(kwargs) or ambient_plan()
     if plan is not None:  # the rules first: a refused plan opens no file
-        enforce(plan, _pipeline_components(cls, None, kwargs), whole_pipeline=True)
+        found = problems(
+            plan, _pipeline_components(cls, None, kwargs), whole_pipeline=True, passed=_passed_in(kwargs)
+        )
+        if found:
+            raise PlanRefused(found)
     _check_pickle_file(pretrained)
     detected = _detected(pretrained)
     prequantized = detected is not None and detected.format in _PREQUANTIZED_LOADERS and detected.loadable
@@ -349,7 +359,7 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
     for name, module in pipe.components.items():
         kind = kind_of_class(type(module))
         spec = plan.spec_for(name, kind, pipeline=True) if hasattr(module, "parameters") else None
-        if spec is not None and name not in done:
+        if spec is not None and name not in done and name not in kwargs:  # passed in: as it came
             load = Load(type(module), name, kind, None, None, torch.device(plan.device), report)
             quantize_loaded(module, spec, load)
     return _finish_pipeline(pipe, plan, report)

@@ -5,6 +5,7 @@ child reports what its components are made of, and the image it made."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -423,6 +424,27 @@ def test_a_single_file_app_with_a_lora_after_load_is_quantized(sd_path, sd_check
     assert "diffusers-quant: unet: bnb:nf4 (post-load)" in proc.stderr
     rows = _report_rows(proc.stderr)
     assert rows["unet"][:2] == ["bnb:nf4", "post-load"] and rows["text_encoder"][:2] == ["-", "none"]
+
+
+def test_a_single_file_pipeline_with_a_controlnet_passed_in_keeps_the_controlnets_own_load(
+    sd_path, sd_checkpoint, controlnets
+):
+    """StableDiffusionControlNetPipeline.from_single_file(checkpoint, controlnet=net) under a plan naming
+    controlnet=: not refused as a pattern matching nothing, and the net (quantized by its own load) is not
+    quantized again after the pipeline's load, so its row is its own load's."""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    import diffusers_quant
+
+    diffusers_quant.install("unet=bnb:nf4,controlnet=quanto:qint8")
+    net = ControlNetModel.from_pretrained(controlnets[0], dtype=torch.bfloat16)
+    own = dataclasses.replace(net.quant_report["canny-controlnet"], name="controlnet")
+    pipe = StableDiffusionControlNetPipeline.from_single_file(
+        str(sd_checkpoint[0]), config=str(sd_path), controlnet=net, dtype=torch.bfloat16
+    )
+    assert pipe.quant_report["controlnet"] == own and own.mode == "on-load" and own.layers_quantized > 0
+    assert pipe.quant_report["unet"].mode == "post-load"
 
 
 @pytest.mark.gpu
