@@ -5,7 +5,9 @@ ops, a dequantization is several kernels (unpack, subtract the zero point, scale
 writing the whole weight: 2x the bf16 matmul's time at a diffusion transformer's 4,608 tokens for 4-bit
 quanto weights (``benchmarks/results/nvidia-h100/quanto-kernels.json``). On CUDA :func:`fused` runs the same
 function compiled (Inductor turns it into one Triton kernel that reads the packed bytes once and writes the
-weight once), one graph for every layer shape; then the matmul is cuBLAS's with the bias in its epilogue.
+weight once), one graph per layer shape (shapes compiled static: the kernels Inductor writes for symbolic
+shapes ran 3x slower on an H200, ``benchmarks/results/nvidia-h200/fused-probe.json``); then the matmul is
+cuBLAS's with the bias in its epilogue.
 
 Inside a model that is itself compiled (``compile_repeated_blocks``) the plain function is traced into the
 block's graph instead. Elsewhere (CPU, or ``DIFFUSERS_QUANT_REFERENCE=1``) the function runs as it is: the
@@ -24,6 +26,10 @@ import torch
 REFERENCE_ENV = "DIFFUSERS_QUANT_REFERENCE"
 # Devices whose tensors take the compiled kernels (tests add "cpu" to check the compiled graphs here).
 FUSED_DEVICES = {"cuda"}
+
+# Graphs per fused function: one per layer shape and dtype (a diffusion transformer has a dozen or two
+# shapes); dynamo's default limit of 8 would leave the rest unfused.
+RECOMPILE_LIMIT = 64
 
 F = TypeVar("F", bound=Callable)
 
@@ -55,7 +61,8 @@ def fast_path_wanted(t: torch.Tensor) -> bool:
 
 def fused(fn: F) -> F:
     """``fn`` (tensors in, one tensor out) run compiled where :func:`fast_path_wanted` says so for its
-    first argument, else as it is. Compiled lazily, once, with dynamic shapes."""
+    first argument, else as it is. Compiled lazily, one static graph per shape (up to ``RECOMPILE_LIMIT``;
+    past it dynamo runs the function as it is)."""
     compiled = None
 
     @functools.wraps(fn)
@@ -64,9 +71,10 @@ def fused(fn: F) -> F:
         if not fast_path_wanted(first):
             return fn(first, *args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            compiled = torch.compile(fn, dynamic=False, fullgraph=True)
         run.fused_calls += 1
-        return compiled(first, *args, **kwargs)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(first, *args, **kwargs)
 
     run.reference = fn
     run.fused_calls = 0  # how often the compiled kernel ran (tests check that the fused path was taken)
