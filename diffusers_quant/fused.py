@@ -9,8 +9,14 @@ weight once), one graph per layer shape (shapes compiled static: the kernels Ind
 shapes ran 3x slower on an H200, ``benchmarks/results/nvidia-h200/fused-probe.json``); then the matmul is
 cuBLAS's with the bias in its epilogue.
 
+Each call of a compiled function costs the host ~0.1-0.25 ms (guards, wrappers, the launch), which a model
+of ~80 Linears turns into host-bound eager steps: on the H200 the fused path paid off in eager steps for
+NNCF (its reference decodes in several float16 ops), and not for quanto or GGUF, whose reference is already
+a short sequence of kernels (``benchmarks/results/nvidia-h200/fused.md``). So by default NNCF layers fuse and
+the others run their reference; ``DIFFUSERS_QUANT_FUSED=all | none | <backend>,...`` chooses.
+
 Inside a model that is itself compiled (``compile_repeated_blocks``) the plain function is traced into the
-block's graph instead. Elsewhere (CPU, or ``DIFFUSERS_QUANT_REFERENCE=1``) the function runs as it is: the
+block's graph instead (every backend: there fusion costs nothing per call). Elsewhere (CPU, or ``DIFFUSERS_QUANT_REFERENCE=1``) the function runs as it is: the
 pure-torch reference the fused kernels are tested against.
 """
 
@@ -24,6 +30,10 @@ from typing import TypeVar
 import torch
 
 REFERENCE_ENV = "DIFFUSERS_QUANT_REFERENCE"
+FUSED_ENV = "DIFFUSERS_QUANT_FUSED"
+FUSED_BACKENDS = ("gguf", "nncf", "quanto")
+# the backends whose eager steps the fused path made faster (see the module doc)
+DEFAULT_FUSED = frozenset({"nncf"})
 # Devices whose tensors take the compiled kernels (tests add "cpu" to check the compiled graphs here).
 FUSED_DEVICES = {"cuda"}
 
@@ -50,25 +60,50 @@ def _have_compiler(device_type: str) -> bool:
         return False
 
 
-def fast_path_wanted(t: torch.Tensor) -> bool:
-    """Whether a layer's input ``t`` takes the fused path: on a fused device, with a compiler, not forced off,
-    and not inside a compiled region (there the layer's plain ops are traced into the region's graph and
-    fused with it)."""
+def fused_backends() -> frozenset[str]:
+    """The backends whose layers take the fused path: ``DIFFUSERS_QUANT_FUSED`` or the default."""
+    value = os.environ.get(FUSED_ENV, "").strip().lower()
+    if not value:
+        return DEFAULT_FUSED
+    if value == "all":
+        return frozenset(FUSED_BACKENDS)
+    if value in ("none", "0"):
+        return frozenset()
+    names = frozenset(name.strip() for name in value.split(",") if name.strip())
+    unknown = sorted(names - set(FUSED_BACKENDS))
+    if unknown:
+        from .errors import QuantError
+
+        raise QuantError(
+            f"{FUSED_ENV}={value!r}: unknown backend(s) {', '.join(unknown)}; expected all, none, or a comma "
+            f"list of {', '.join(FUSED_BACKENDS)}"
+        )
+    return names
+
+
+def _compiles_here(t: torch.Tensor) -> bool:
+    """On a fused device, with a compiler, not forced off, and not inside a compiled region (there the plain
+    ops are traced into the region's graph and fused with it)."""
     if torch.compiler.is_compiling():
         return False
     return t.device.type in FUSED_DEVICES and not reference_forced() and _have_compiler(t.device.type)
 
 
+def fast_path_wanted(t: torch.Tensor, backend: str) -> bool:
+    """Whether a ``backend`` layer whose input is ``t`` takes the fused path."""
+    return backend in fused_backends() and _compiles_here(t)
+
+
 def fused(fn: F) -> F:
-    """``fn`` (tensors in, one tensor out) run compiled where :func:`fast_path_wanted` says so for its
-    first argument, else as it is. Compiled lazily, one static graph per shape (up to ``RECOMPILE_LIMIT``;
+    """``fn`` (tensors in, one tensor out) run compiled where its first argument is on a fused device
+    (outside compiled regions, unless the reference is forced), else as it is. Compiled lazily, one static graph per shape (up to ``RECOMPILE_LIMIT``;
     past it dynamo runs the function as it is)."""
     compiled = None
 
     @functools.wraps(fn)
     def run(first, *args, **kwargs):
         nonlocal compiled
-        if not fast_path_wanted(first):
+        if not _compiles_here(first):
             return fn(first, *args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=False, fullgraph=True)

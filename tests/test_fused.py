@@ -13,6 +13,7 @@ from diffusers_quant import fused
 from diffusers_quant.backends import get_backend
 from diffusers_quant.backends import quanto as quanto_backend
 from diffusers_quant.backends.nncf_ops import _fused_decompress
+from diffusers_quant.errors import QuantError
 from diffusers_quant.spec import Spec
 
 QUANTO = ("qint8", "qfloat8", "qint4", "qint2")
@@ -23,6 +24,7 @@ NNCF = ("int8", "int8_sym", "int4", "int4_sym")
 def fused_on_cpu(monkeypatch):
     monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
     monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(fused.FUSED_ENV, "all")
 
 
 def _linear(dtype=torch.bfloat16, in_features=256, out_features=96, seed=0):
@@ -100,6 +102,30 @@ def test_reference_switch_turns_every_fused_path_off(fused_on_cpu, monkeypatch):
     assert [quanto_backend._fused_weights()[1].fused_calls, _fused_decompress().fused_calls] == counts
 
 
+def test_by_default_only_nncf_fuses(fused_on_cpu, monkeypatch):
+    """The backends whose eager steps the fused path made faster on the GPU; the switch picks others."""
+    monkeypatch.delenv(fused.FUSED_ENV)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    quanto_layer, nncf_layer = _quantized("quanto", "qint4"), _quantized("nncf", "int4")
+    quanto_kernel = quanto_backend._fused_weights()[1]
+    counts = [quanto_kernel.fused_calls, _fused_decompress().fused_calls]
+    quanto_layer(x), nncf_layer(x)
+    assert [quanto_kernel.fused_calls, _fused_decompress().fused_calls] == [counts[0], counts[1] + 1]
+    monkeypatch.setenv(fused.FUSED_ENV, "quanto")
+    quanto_layer(x), nncf_layer(x)
+    assert [quanto_kernel.fused_calls, _fused_decompress().fused_calls] == [counts[0] + 1, counts[1] + 1]
+    monkeypatch.setenv(fused.FUSED_ENV, "none")
+    assert fused.fused_backends() == frozenset()
+
+
+def test_an_unknown_backend_in_the_switch_names_the_choices(monkeypatch):
+    monkeypatch.setenv(fused.FUSED_ENV, "quanto,gguff")
+    with pytest.raises(
+        QuantError, match=r"unknown backend\(s\) gguff; expected all, none, or a comma list of gguf"
+    ):
+        fused.fused_backends()
+
+
 @pytest.mark.parametrize(("backend", "qtype"), [("quanto", "qint4"), ("nncf", "int4_sym"), ("bnb", "nf4")])
 def test_no_graph_break_inside_a_quantized_linear(backend, qtype, fused_on_cpu):
     """Compiled inside a model, a layer is traced whole (the fused path stands aside for the outer graph)."""
@@ -114,6 +140,7 @@ def test_no_graph_break_inside_a_quantized_linear(backend, qtype, fused_on_cpu):
     ("backend", "qtype"), [*(("quanto", q) for q in QUANTO), *(("nncf", q) for q in NNCF)]
 )
 def test_fused_kernels_on_cuda(backend, qtype, monkeypatch):
+    monkeypatch.setenv(fused.FUSED_ENV, "all")
     layer = _quantized(backend, qtype).to("cuda")
     x = torch.randn(4, 512, 256, dtype=torch.bfloat16, device="cuda")
     monkeypatch.setenv(fused.REFERENCE_ENV, "1")

@@ -292,7 +292,7 @@ class NNCFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        if fast_path_wanted(x):  # one fused kernel reads the packed weight (fused.py)
+        if fast_path_wanted(x, "nncf"):  # one fused kernel reads the packed weight (fused.py)
             weight = _fused_decompress()(
                 self.weight,
                 self.scale,

@@ -230,7 +230,7 @@ def fused_linear(input, weight, bias=None):
 
     from ..fused import fast_path_wanted
 
-    if type(input) is not torch.Tensor or not fast_path_wanted(input) or weight.axis != 0:
+    if type(input) is not torch.Tensor or not fast_path_wanted(input, "quanto") or weight.axis != 0:
         return None
     if getattr(weight, "activation_qtype", None) is not None or input.dtype != weight._scale.dtype:
         return None

@@ -250,7 +250,7 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or (x.dtype if x.is_floating_point() else torch.float32)
-        if fast_path_wanted(x) and _fusable(self.qtype):
+        if fast_path_wanted(x, "gguf") and _fusable(self.qtype):
             # one fused kernel reads the packed bytes and writes the weight (fused.py)
             blocks = self.weight.reshape(-1, block_info(self.qtype)[1])
             w = _fused_decoder(self.qtype)(blocks, dtype).reshape(self.weight_shape)

@@ -26,6 +26,7 @@ def test_fused_forward_matches_the_reference_decode(qtype, make_blocks, monkeypa
     x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16)
     want = layer(x)  # CPU: the reference decode
     monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setenv(fused.FUSED_ENV, "gguf")
     kernel = _fused_decoder(qtype)
     before = kernel.fused_calls
     got = layer(x)
@@ -37,6 +38,7 @@ def test_fused_forward_matches_the_reference_decode(qtype, make_blocks, monkeypa
 def test_float_tensors_are_not_fused(monkeypatch):
     layer = GGUFLinear.from_linear(torch.nn.Linear(64, 8), "F16")
     monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setenv(fused.FUSED_ENV, "all")
     x = torch.randn(2, 64)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias))
 
@@ -44,6 +46,7 @@ def test_float_tensors_are_not_fused(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_fused_forward_on_cuda(qtype, make_blocks, monkeypatch):
+    monkeypatch.setenv(fused.FUSED_ENV, "gguf")
     layer = _layer(qtype, make_blocks).to("cuda")
     x = torch.randn(4, 64, layer.in_features, dtype=torch.bfloat16, device="cuda")
     monkeypatch.setenv(fused.REFERENCE_ENV, "1")
