@@ -18,6 +18,7 @@ class Component:
     name: str
     kind: str
     class_name: str = ""
+    saved: tuple[Spec, ...] = ()  # the formats its folder was saved quantized in (saving.saved_specs)
 
 
 def kind_of_class(cls: type | str) -> str:

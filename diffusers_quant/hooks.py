@@ -46,6 +46,7 @@ from .plugin import announce_report
 from .post_load import state_nbytes
 from .report import ComponentReport, Report
 from .rules import problems
+from .saving import saved_specs
 from .spec import Plan
 
 ENV_VAR = "DIFFUSERS_QUANT"
@@ -187,7 +188,8 @@ def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Co
         cls_obj = _import_class(library, class_name)
         if cls_obj is not None and not issubclass(cls_obj, torch.nn.Module):
             continue  # tokenizers, schedulers, processors: nothing to quantize
-        components.append(Component(name, kind_of_class(cls_obj or class_name), class_name))
+        saved = saved_specs(os.path.join(folder, name)) if folder else ()
+        components.append(Component(name, kind_of_class(cls_obj or class_name), class_name, saved))
     return components
 
 

@@ -18,7 +18,7 @@ from .plugin import announce
 from .post_load import quantize_model, state_nbytes
 from .report import ComponentReport, Report
 from .rules import enforce
-from .saving import SavedComponent, foreign_method, load_saved_component, read_saved
+from .saving import SavedComponent, foreign_method, load_saved_component, read_saved, saved_specs
 from .spec import Plan, Spec
 from .streaming import plan_stream, stream_load
 
@@ -320,6 +320,8 @@ def check_plan_first(cls: type, pretrained, kwargs: dict, plan: Plan | None) -> 
     name, kind = component_name(cls, pretrained, kwargs), kind_of_class(cls)
     if plan.spec_for(name, kind) is not None:
         enforce(plan, [Component(name, kind, cls.__name__)])
+    elif plan.offload != "none":  # a folder saved quantized, placed as the plan says: its formats' rules
+        enforce(plan, [Component(name, kind, cls.__name__, saved_specs(_resolve_folder(pretrained, kwargs)))])
 
 
 def component_report(name: str, module, kind: str) -> ComponentReport:

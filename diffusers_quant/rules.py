@@ -188,6 +188,7 @@ def problems(
     for c in components:
         spec = plan.spec_for(c.name, c.kind, pipeline=whole_pipeline)
         if spec is None:
+            found += _saved_problems(plan, c)
             continue
         if is_file_spec(spec):
             if not os.path.exists(spec.qtype):
@@ -213,6 +214,19 @@ def problems(
             )
     if not found:  # a refused plan opens no weight file, not even for its magic
         found += [f"{name}: {problem}" for name, path in files if (problem := _gguf_file_problem(path))]
+    return found
+
+
+def _saved_problems(plan: Plan, c: Component) -> list[str]:
+    """A folder saved quantized, loaded as it is, meets the same offload rules as its formats."""
+    found = []
+    for spec in c.saved:
+        v = verdict(spec, c.kind, plan.offload, plan.device)
+        if not v.allowed:
+            found.append(
+                f"{c.name} ({c.kind}), saved quantized with {spec}, offload={plan.offload}, "
+                f"device={device_type(plan.device)}: {v.reason}; fix: {v.fix}"
+            )
     return found
 
 

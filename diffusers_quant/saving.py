@@ -23,6 +23,7 @@ from .components import fp32_modules, get_submodule_parent
 from .contract import OURS, attach, quantized_layers
 from .errors import QuantError
 from .files import normal_mode, read_json_object
+from .spec import Spec
 from .streaming import build_empty, find_safetensors, header_tensors
 
 NATIVE_METHODS = {"bitsandbytes": "bnb", "quanto": "quanto"}
@@ -101,6 +102,38 @@ def foreign_method(folder: str | os.PathLike | None) -> str | None:
         return None
     method = _saved_method(qconfig)
     return None if method == OURS or method in NATIVE_METHODS else method
+
+
+# quanto's weights names in diffusers' / transformers' QuantoConfig -> ours
+_QUANTO_WEIGHTS = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "float8": "qfloat8"}
+
+
+def saved_specs(folder: str | os.PathLike | None) -> tuple[Spec, ...]:
+    """The formats a folder saved quantized holds, from its config.json alone (no weight file opened): what
+    the offload rules check before such a folder is loaded. Empty for a plain or foreign folder."""
+    if folder is None or not os.path.isdir(folder):
+        return ()
+    qconfig = _quantization_config(Path(folder))
+    if qconfig is None:
+        return ()
+    method = _saved_method(qconfig)
+    names: set[str] = set()
+    if method == OURS and isinstance(qconfig.get("layers"), dict):
+        for entry in qconfig["layers"].values():
+            config = entry.get("config") if isinstance(entry, dict) else None
+            if isinstance(entry, dict) and isinstance(config, dict) and isinstance(config.get("qtype"), str):
+                names.add(f"{entry.get('backend')}:{config['qtype'].lower()}")
+    elif method == "bitsandbytes":
+        names.add("bnb:int8" if qconfig.get("load_in_8bit") else f"bnb:{qconfig.get('bnb_4bit_quant_type', 'nf4')}")
+    elif method == "quanto":
+        names.add(f"quanto:{_QUANTO_WEIGHTS.get(str(qconfig.get('weights_dtype', qconfig.get('weights'))), 'qint8')}")
+    specs = []
+    for name in sorted(names):
+        try:
+            specs.append(Spec.parse(name))
+        except QuantError:
+            continue  # a damaged map: loading the folder refuses it, naming the file
+    return tuple(specs)
 
 
 def read_saved(folder: str | os.PathLike | None, variant: str | None = None) -> SavedComponent | None:

@@ -321,3 +321,34 @@ def test_every_entry_point_refuses_a_plan_before_opening_any_weight_file(
     with pytest.raises(PlanRefused, match=r"with (quanto:qint8|gguf:\S+), offload=balanced.*fix: "):
         loads[entry]()
     assert weight_reads() == before, f"{entry} opened weight files before refusing the plan"
+
+
+@pytest.mark.parametrize("entry", ["model", "pipeline"])
+def test_a_folder_saved_quantized_meets_the_offload_rules_before_any_weight_is_read(
+    entry, sd_path, tmp_path, weight_reads
+):
+    """A plan with only an offload mode loads a saved quanto UNet as it is: quanto with balanced offload is
+    refused for it as for a quanto spec, from its config.json, before a weight file is opened."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+    diffusers_quant.quantize(unet, "quanto:qint8", kind="unet")
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(sd_path, pipeline)
+    shutil.rmtree(pipeline / "unet")
+    diffusers_quant.save_quantized(unet, pipeline / "unet")
+    diffusers_quant.install()
+    before = weight_reads()
+    with pytest.raises(
+        PlanRefused, match=r"unet \(unet\), saved quantized with quanto:qint8, offload=balanced.*fix: "
+    ):
+        if entry == "model":
+            UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet", quant=REFUSED)
+        else:
+            StableDiffusionPipeline.from_pretrained(pipeline, quant=REFUSED)
+    assert weight_reads() == before
+    # allowed offload modes still load it as it was saved
+    loaded = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet", quant="offload=none")
+    assert type(loaded.down_blocks[0].attentions[0].proj_in).__name__ == "QLinear"
