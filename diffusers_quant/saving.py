@@ -124,9 +124,13 @@ def saved_specs(folder: str | os.PathLike | None) -> tuple[Spec, ...]:
             if isinstance(entry, dict) and isinstance(config, dict) and isinstance(config.get("qtype"), str):
                 names.add(f"{entry.get('backend')}:{config['qtype'].lower()}")
     elif method == "bitsandbytes":
-        names.add("bnb:int8" if qconfig.get("load_in_8bit") else f"bnb:{qconfig.get('bnb_4bit_quant_type', 'nf4')}")
+        names.add(
+            "bnb:int8" if qconfig.get("load_in_8bit") else f"bnb:{qconfig.get('bnb_4bit_quant_type', 'nf4')}"
+        )
     elif method == "quanto":
-        names.add(f"quanto:{_QUANTO_WEIGHTS.get(str(qconfig.get('weights_dtype', qconfig.get('weights'))), 'qint8')}")
+        names.add(
+            f"quanto:{_QUANTO_WEIGHTS.get(str(qconfig.get('weights_dtype', qconfig.get('weights'))), 'qint8')}"
+        )
     specs = []
     for name in sorted(names):
         try:
