@@ -277,33 +277,26 @@ class NNCFLinear(nn.Module):
     def n_groups(self) -> int:
         return self.scale.shape[1]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Decompressed ``[out, in]`` weight, computed exactly as NNCF's decompressors do (float16 math)."""
-        return decompress(
+    def _pieces(self) -> tuple:
+        return (
             self.weight,
             self.scale,
             self.zero_point,
             _BITS[self.qtype],
             self.out_features,
             self.in_features,
-            dtype,
         )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decompressed ``[out, in]`` weight, computed exactly as NNCF's decompressors do (float16 math)."""
+        return decompress(*self._pieces(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        if fast_path_wanted(x, "nncf"):  # one fused kernel reads the packed weight (fused.py)
-            weight = _fused_decompress()(
-                self.weight,
-                self.scale,
-                self.zero_point,
-                _BITS[self.qtype],
-                self.out_features,
-                self.in_features,
-                dtype,
-            )
-        else:
-            weight = self.dequantize(dtype)
+        # on CUDA one fused kernel reads the packed weight (fused.py)
+        decode = _fused_decompress() if fast_path_wanted(x, "nncf") else decompress
+        weight = decode(*self._pieces(), dtype)
         out = F.linear(x.to(dtype), weight, bias)
         return out.to(x.dtype)
 

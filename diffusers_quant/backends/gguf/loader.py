@@ -20,7 +20,7 @@ from ...errors import QuantError, choices
 from .dequant import DEQUANTIZERS, PLAIN_QTYPES
 from .keys import detect_key_format, to_diffusers_keys
 from .nn import GGUFLinear, GGUFWeight
-from .reader import GGUFError, GGUFFile, read_gguf
+from .reader import _TORCH_DTYPES, GGUFError, GGUFFile, read_gguf
 from .writer import CONFIG_KEY
 
 # Prefixes of whole-pipeline checkpoints (SD/SDXL "all-in-one" files): text encoders and VAE included.
@@ -372,23 +372,11 @@ def _check_types(file: GGUFFile) -> None:
     )
 
 
-_PLAIN_TORCH = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-}
-
-
 def _value(weight: GGUFWeight, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A file tensor placed as an ordinary one: floating model tensors in the load dtype (plain F64 or
     integer values converted once, quantized ones decoded), integer model tensors in their own dtype."""
     if weight.qtype in PLAIN_QTYPES:
-        value = weight.raw.reshape(-1).view(_PLAIN_TORCH[weight.qtype]).reshape(weight.shape)
+        value = weight.raw.reshape(-1).view(_TORCH_DTYPES[weight.qtype]).reshape(weight.shape)
     else:
         value = weight.dequantize(torch.float32)
     return value.to(dtype if like.is_floating_point() else like.dtype)
