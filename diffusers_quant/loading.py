@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from .report import ComponentReport, Report
 from .rules import enforce
 from .saving import SavedComponent, foreign_method, load_saved_component, read_saved, saved_specs
 from .spec import Plan, Spec
-from .streaming import plan_stream, stream_load
+from .streaming import NotStreamable, plan_stream, stream_load
+
+logger = logging.getLogger("diffusers_quant")
 
 
 @dataclass
@@ -171,15 +174,26 @@ def load_quantized(
     original: Callable, load: Load, pretrained, args: tuple, kwargs: dict, plan: Plan, spec: Spec
 ) -> torch.nn.Module:
     """Load one model with ``spec`` applied, on load when possible (or asked), else straight after load."""
-    stream = None
+    stream, declined = None, "needs a local folder with safetensors weights in diffusers/transformers layout"
     if plan.mode in ("auto", "on-load") and load.folder is not None:
-        stream = plan_stream(load.cls, load.folder, spec, load.kind, variant=kwargs.get("variant"))
+        try:
+            stream = plan_stream(
+                load.cls,
+                load.folder,
+                spec,
+                load.kind,
+                variant=kwargs.get("variant"),
+                key_mapping=kwargs.get("key_mapping"),
+            )
+        except NotStreamable as e:
+            declined = str(e)
     if stream is None and plan.mode == "on-load":
         raise QuantError(
-            f"{load.name}: mode=on-load needs a local folder with safetensors weights in diffusers/transformers "
-            f"layout (got {pretrained!r}); fix: use mode=post-load or mode=auto"
+            f"{load.name}: mode=on-load {declined} (got {pretrained!r}); fix: use mode=post-load or mode=auto"
         )
     if stream is None:
+        if plan.mode == "auto" and load.folder is not None:  # the report's row says post-load; this says why
+            logger.info("%s: quantized after load, not on load: on-load %s", load.name, declined)
         model = original(load.cls, pretrained, *args, **kwargs)
         return quantize_loaded(model, spec, load)
     bytes_before, total = fp_nbytes(stream.model, load.dtype), count_linears(stream.model)

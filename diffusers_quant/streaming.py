@@ -5,8 +5,11 @@ the target device (moved there whole, or block by block where the backend can) a
 tensor is placed directly.  The full-precision component is never
 resident on the target device, and the host holds one tensor at a time beyond the memory map.
 
-``plan_stream`` only reads headers and config, so a load that cannot be streamed (``.bin`` weights, keys
-that need a conversion) is known before a single weight is read.
+``plan_stream`` only reads headers and config, so a load that cannot be streamed (``.bin`` weights, tensors
+that the library merges or splits on load) is known before a single weight is read, and why.  Keys the library
+renames on load (transformers 5 renames the saved keys of its vision-language models, e.g. Qwen2.5-VL's
+``model.layers.*`` to ``model.language_model.layers.*``) are renamed in the stream by transformers' own
+conversion mapping.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ from .spec import Spec
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
 
+class NotStreamable(Exception):
+    """Why a checkpoint cannot be streamed key for key (the library's own loader must read it); the message is
+    what on-load lacks, one clause after "mode=on-load", e.g. "needs a local folder with safetensors weights
+    in diffusers/transformers layout"."""
+
+
 @dataclass
 class StreamPlan:
     """What to read and what to quantize, derived from headers and config alone."""
@@ -37,6 +46,11 @@ class StreamPlan:
     keys: dict[str, Path]
     selected: list[str]
     tied: dict[str, str] = field(default_factory=dict)
+    # checkpoint key -> the model's name for it, where the library renames it on load
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def model_key(self, key: str) -> str:
+        return self.renamed.get(key, key)
 
 
 def find_safetensors(folder: str | os.PathLike, variant: str | None = None) -> list[Path] | None:
@@ -138,26 +152,79 @@ def build_empty(cls: type, folder: str | os.PathLike) -> torch.nn.Module:
 
 
 def plan_stream(
-    cls: type, folder: str | os.PathLike, spec: Spec, kind: str, variant: str | None = None
-) -> StreamPlan | None:
-    """A StreamPlan if this checkpoint can be streamed into ``cls`` key for key, else None."""
+    cls: type,
+    folder: str | os.PathLike,
+    spec: Spec,
+    kind: str,
+    variant: str | None = None,
+    key_mapping: dict[str, str] | None = None,
+) -> StreamPlan:
+    """A StreamPlan if this checkpoint can be streamed into ``cls`` key for key (after the library's own key
+    renaming), else NotStreamable saying why."""
     files = find_safetensors(folder, variant)
     if not files:
-        return None
+        raise NotStreamable("needs a local folder with safetensors weights in diffusers/transformers layout")
     keys = header_keys(files)
     model = build_empty(cls, folder)
+    renamed = library_key_names(model, keys, key_mapping)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     expected = set(model.state_dict().keys())
-    missing = expected - set(keys) - set(tied)
+    missing = expected - {renamed.get(k, k) for k in keys} - set(tied)
     if missing:
-        return None  # the checkpoint needs a key conversion: the library's own loader must read it
+        converted = " even after transformers' key conversion" if renamed else ""
+        raise NotStreamable(
+            f"cannot stream this checkpoint: it has no tensor for {len(missing)} of {cls.__name__}'s parameters"
+            f"{converted} (e.g. {', '.join(sorted(missing)[:3])}), so its keys need a conversion only the "
+            "library's own loader applies"
+        )
     return StreamPlan(
         model=model,
         files=files,
         keys=keys,
         selected=select_linears(model, spec, kind),
         tied=tied,
+        renamed=renamed,
     )
+
+
+def library_key_names(
+    model: torch.nn.Module, keys, key_mapping: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Checkpoint keys the library renames when it loads them into ``model`` -> the new name, by its own
+    conversion: transformers 5's weight mapping for the class (``get_model_conversion_mapping``, the mapping
+    ``from_pretrained`` applies, ``key_mapping=`` included) through its ``rename_source_key``.  A key that
+    transformers instead merges with others or splits (a ``WeightConverter``: fused experts, fused qkv ...)
+    cannot be streamed one tensor at a time: NotStreamable names the converter.  diffusers models load
+    their saved keys as they are."""
+    if not is_transformers_class(type(model)):
+        return {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: no conversion on load, keys are read as saved
+        return {}
+    mapping = get_model_conversion_mapping(model, key_mapping)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    prefix = model.base_model_prefix
+    renamed: dict[str, str] = {}
+    for key in keys:
+        # As transformers' convert_and_load_state_dict_in_model does for each key.
+        name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if name not in meta and key in meta:
+            name, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        if pattern is not None and name in meta:
+            converter = by_pattern.get(pattern)
+            ops = "+".join(type(op).__name__ for op in getattr(converter, "operations", ())) or "a conversion"
+            raise NotStreamable(
+                f"cannot stream this checkpoint tensor by tensor: transformers converts {type(model).__name__}'s saved "
+                f"tensors on load ({ops} of {key!r} into {name!r}), which needs several tensors at once"
+            )
+        if name != key:
+            renamed[key] = name
+    return renamed
 
 
 def stream_load(
@@ -181,16 +248,17 @@ def stream_load(
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for path in plan.files:
         with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for saved_key in f.keys():
+                key = plan.model_key(saved_key)
                 layer, _, pname = key.rpartition(".")
                 if layer in selected:
                     # Kept on the host: the backend moves it to the device (in blocks of rows where it can).
-                    tensor = f.get_tensor(key).to(dtype=dtype or None)
+                    tensor = f.get_tensor(saved_key).to(dtype=dtype or None)
                     pending.setdefault(layer, {})[pname] = tensor
                     if set(pending[layer]) == expected[layer]:
                         _quantize_layer(model, layer, pending.pop(layer), spec, compute_dtype, device)
-                elif key in plan.keys and _is_model_key(model, key):
-                    tensor = f.get_tensor(key)
+                elif _is_model_key(model, key):
+                    tensor = f.get_tensor(saved_key)
                     value_dtype = None
                     if tensor.is_floating_point():
                         value_dtype = (
