@@ -10,6 +10,7 @@ import fnmatch
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .families import GENERIC, Keep, default_keeps
 from .spec import Spec
 
 
@@ -44,28 +45,9 @@ def is_transformers_class(cls: type | str) -> bool:
     return any(base.__module__.startswith("transformers.") for base in cls.__mro__)
 
 
-# Layers a family keeps in full precision by default: embedders and the model's final output projection
-# carry little weight but most of the quantization error (what SD.Next, Forge and ComfyUI keep unquantized
-# too).  These patterns match the full module name (anchored), so "proj_out" is the model's last layer,
-# not every block's proj_out; user include/exclude patterns also match any dotted suffix.
+# The generic defaults per kind, as patterns (the reasons, and each family's own entries: families.py).
 DEFAULT_EXCLUDE: dict[str, tuple[str, ...]] = {
-    "transformer": (
-        "x_embedder",
-        "context_embedder",
-        "*embedder*",
-        "*embed",
-        "pos_embed*",
-        "proj_out",
-        "norm_out.*",
-        "time_text_embed.*",
-        "time_embed*",
-        "*timestep_embedder*",
-    ),
-    "unet": ("conv_in", "conv_out", "time_embedding.*", "add_embedding.*", "class_embedding*"),
-    "controlnet": ("conv_in", "time_embedding.*", "add_embedding.*", "controlnet_cond_embedding.*"),
-    "text_encoder": ("*embed*", "shared", "lm_head", "*position*"),
-    "vae": ("*",),
-    "other": (),
+    kind: tuple(keep.pattern for keep in keeps) for kind, keeps in GENERIC.items()
 }
 DEFAULT_MIN_FEATURES = 64
 
@@ -100,36 +82,51 @@ def fp32_modules(model, dtype) -> set[str]:
 
 
 def default_excludes(model, kind: str) -> tuple[str, ...]:
-    """Anchored patterns a kind keeps in full precision, plus the modules the model keeps in float32."""
-    keep_fp32 = tuple(f"*{m}*" for m in (getattr(model, "_keep_in_fp32_modules", None) or ()))
-    return DEFAULT_EXCLUDE.get(kind, ()) + keep_fp32
+    """Anchored patterns ``model`` keeps in full precision by default: its family's (families.py), else
+    the generic ones of its kind, plus the modules the model keeps in float32."""
+    return tuple(keep.pattern for keep in default_keeps(model, kind))
 
 
 def _matches_full(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def select_linears(model, spec: Spec, kind: str) -> list[str]:
-    """Names of the Linear layers ``spec`` quantizes in ``model`` (works on meta-device models too)."""
+def _first_keep(name: str, keeps: tuple[Keep, ...]) -> Keep | None:
+    return next((k for k in keeps if fnmatch.fnmatchcase(name, k.pattern)), None)
+
+
+def linear_choices(model, spec: Spec, kind: str) -> dict[str, str | None]:
+    """Every Linear layer of ``model`` -> None where ``spec`` quantizes it, else why it stays in full
+    precision (the family table's reason, the plan's include / exclude, min_features, the backend)."""
     from .backends import get_backend
 
     backend = get_backend(spec.backend)
     include = spec.patterns("include")
-    defaults = default_excludes(model, kind)
+    exclude = spec.patterns("exclude")
+    keeps = () if include else default_keeps(model, kind)
     min_features = int(spec.option("min_features", str(DEFAULT_MIN_FEATURES)))
-    selected = []
+    choices: dict[str, str | None] = {}
     for name, linear in _named_linears(model):
         # An explicit include replaces the default excludes; the user's own excludes still apply.
+        keep = _first_keep(name, keeps)
         if include and not _matches_any(name, include):
-            continue
-        if _matches_any(name, spec.patterns("exclude")) or (not include and _matches_full(name, defaults)):
-            continue
-        if min(linear.in_features, linear.out_features) < min_features:
-            continue
-        if not backend.can_quantize(linear, spec):
-            continue
-        selected.append(name)
-    return selected
+            choices[name] = f"not in include={'|'.join(include)}"
+        elif _matches_any(name, exclude):
+            choices[name] = f"in exclude={'|'.join(exclude)}"
+        elif keep is not None:
+            choices[name] = f"{keep.reason} ({keep.pattern})"
+        elif min(linear.in_features, linear.out_features) < min_features:
+            choices[name] = f"narrower than min_features={min_features}"
+        elif not backend.can_quantize(linear, spec):
+            choices[name] = f"{spec.backend} cannot quantize its shape"
+        else:
+            choices[name] = None
+    return choices
+
+
+def select_linears(model, spec: Spec, kind: str) -> list[str]:
+    """Names of the Linear layers ``spec`` quantizes in ``model`` (works on meta-device models too)."""
+    return [name for name, why in linear_choices(model, spec, kind).items() if why is None]
 
 
 def count_linears(model) -> int:
