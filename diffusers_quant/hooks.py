@@ -302,12 +302,21 @@ def _pipeline_from_pretrained(original: Callable, cls: type, pretrained=None, *a
     if found:
         raise PlanRefused(found)
     report = Report(plan=str(plan), offload=plan.offload)
+    _pipeline_dtype(plan, kwargs)
     token = ACTIVE_PIPELINE.set(PipelineLoad(plan, report))
     try:
         pipe = original(cls, pretrained, *args, **kwargs)
     finally:
         ACTIVE_PIPELINE.reset(token)
     return _finish_pipeline(pipe, plan, report)
+
+
+def _pipeline_dtype(plan: Plan, kwargs: dict) -> None:
+    """A plan's ``dtype=`` is the load dtype of the whole pipeline when the call gives none: the components
+    it leaves in full precision (the VAE) load in it too, else their float32 convolutions meet the quantized
+    components' bfloat16 activations ("Input type (c10::BFloat16) and bias type (float) should be the same")."""
+    if plan.dtype and kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+        kwargs["dtype"] = getattr(torch, plan.dtype)
 
 
 # Where all-in-one files keep the components other than the denoiser (ComfyUI, Forge, the original repos)
