@@ -83,11 +83,14 @@ DENOISER_SPECS = [
     "gguf:q4_0",
 ]
 TEXT_ENCODER_SPECS = [s for s in DENOISER_SPECS if not s.startswith("gguf:")]
+DTYPES = ("float32", "bfloat16", "float16")
+# Every family x every qtype on its denoiser(s) x both load paths, its text encoders cycling through the
+# non-GGUF qtypes and the three dtypes cycling too.
 SLOW_CELLS = [
-    Cell(name, spec, TEXT_ENCODER_SPECS[i % len(TEXT_ENCODER_SPECS)], mode)
+    Cell(name, spec, TEXT_ENCODER_SPECS[i % len(TEXT_ENCODER_SPECS)], mode, DTYPES[(i + m) % len(DTYPES)])
     for name in FAMILIES
     for i, spec in enumerate(DENOISER_SPECS)
-    for mode in ("on-load", "post-load")
+    for m, mode in enumerate(("on-load", "post-load"))
 ]
 
 
@@ -188,5 +191,20 @@ def table() -> str:
     return "\n".join(lines)
 
 
+README = Path(__file__).parent.parent / "README.md"
+_START, _END = "<!-- reach:start -->", "<!-- reach:end -->"
+
+
+def test_the_readme_table_is_what_this_file_runs():
+    text = README.read_text()
+    assert text[text.index(_START) + len(_START) : text.index(_END)].strip() == table()
+
+
 if __name__ == "__main__":
-    print(table())
+    # python tests/test_reach.py [--update-readme]
+    if "--update-readme" in sys.argv:
+        text = README.read_text()
+        head, rest = text.split(_START)
+        README.write_text(head + _START + "\n" + table() + "\n" + _END + rest.split(_END, 1)[1])
+    else:
+        print(table())
