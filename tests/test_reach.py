@@ -107,7 +107,7 @@ def family_folders(demo_cache):
     return get
 
 
-def run_cell(cell: Cell, folder: Path):
+def run_cell(cell: Cell, folder: Path, strict: bool = True):
     """Load the family's pipeline through the hooks with the cell's plan and check what came back: each
     denoiser and text encoder quantized with its spec in the expected mode (layer types, report rows,
     bytes, load dtype), and a finite output of the right shape."""
@@ -117,7 +117,8 @@ def run_cell(cell: Cell, folder: Path):
 
     import diffusers_quant
     from diffusers_quant.backends import backend_of
-    from diffusers_quant.components import count_linears
+    from diffusers_quant.components import count_linears, select_linears
+    from diffusers_quant.spec import Spec
 
     family = FAMILIES[cell.family]
     diffusers_quant.install()
@@ -134,11 +135,13 @@ def run_cell(cell: Cell, folder: Path):
                 row,
             )
             layers = [m for m in model.modules() if backend_of(m) is not None]
-            assert layers, f"{name}: no quantized layer"
+            # the fast cells are chosen so each component has layers the spec takes; in the sweep, a tiny
+            # model may have none (quanto's 2/4-bit groups need 128 inputs; a T5 keeps its wo in float32)
+            assert layers or (not strict and not select_linears(model, Spec.parse(spec), row.kind)), name
             assert {type(m).__name__ for m in layers} <= set(LAYER_TYPES[backend]), name
             assert row.layers_quantized == len(layers), (name, row)
             assert row.linears_total == len(layers) + count_linears(model), (name, row)
-            assert row.bytes_after < row.bytes_before, (name, row)
+            assert row.bytes_after < row.bytes_before or not layers, (name, row)
             floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
             assert dtype in floats, (name, floats)
     # the plan's dtype is the whole pipeline's: the VAE left in full precision loads in it too
@@ -157,7 +160,7 @@ def test_family_through_the_hooks(cell, family_folders):
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", SLOW_CELLS, ids=lambda c: c.id)
 def test_family_sweep(cell, family_folders):
-    run_cell(cell, family_folders(cell.family))
+    run_cell(cell, family_folders(cell.family), strict=False)
 
 
 def test_the_fast_subset_covers_every_family_backend_mode_and_dtype():
