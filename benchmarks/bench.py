@@ -643,9 +643,15 @@ def compare(out, job: dict) -> dict:
         return {"rel_l2": 0.0, "out_norm": float(out.norm())}
     if not ref_path.exists():
         return {"rel_l2": None, "out_norm": float(out.norm()), "note": "no bf16 reference output"}
+    return {"rel_l2": _rel_l2(out, ref_path), "out_norm": float(out.norm())}
+
+
+def _rel_l2(out, ref_path: Path) -> float:
+    """rel_l2 of ``out`` against the bf16 eager output saved at ``ref_path``."""
+    import torch
+
     ref = torch.load(ref_path).double()
-    rel = float((out.double() - ref).norm() / ref.norm())
-    return {"rel_l2": rel, "out_norm": float(out.norm())}
+    return float((out.double() - ref).norm() / ref.norm())
 
 
 def _report_figures(model) -> dict:
@@ -726,10 +732,8 @@ def compiled_steps(model, inputs: dict, defn: ModelDef, job: dict) -> dict:
         "graph_breaks": sum(counters["graph_break"].values()),
         "graph_break_reasons": sorted(counters["graph_break"])[:5],
     }
-    ref = Path(job["ref"])
-    if ref.exists():
-        reference = torch.load(ref).double()
-        figures["compiled_rel_l2"] = float((out.double() - reference).norm() / reference.norm())
+    if Path(job["ref"]).exists():
+        figures["compiled_rel_l2"] = _rel_l2(out, Path(job["ref"]))
     return figures
 
 

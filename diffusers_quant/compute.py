@@ -16,12 +16,11 @@ variable ``DIFFUSERS_QUANT_REFERENCE=1`` forces it.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from .errors import QuantError
-from .fused import REFERENCE_ENV  # one switch forces every reference path
+from .fused import reference_forced  # one switch forces every reference path
 from .spec import COMPUTES
 
 FP8_MAX = 448.0
@@ -86,7 +85,7 @@ def _compiled_kernel():
 def _kernel_fits(x: torch.Tensor, weight: torch.Tensor, kind: str) -> bool:
     """The shapes and device the kernels take (cuBLASLt wants multiples of 16; _int_mm more than 16 rows)."""
     k, n = weight.shape[1], weight.shape[0]
-    if os.environ.get(REFERENCE_ENV) == "1" or k % 16 or n % 16 or x.numel() == 0:
+    if reference_forced() or k % 16 or n % 16 or x.numel() == 0:
         return False
     if kind == "int8":
         return x.numel() // k > 16

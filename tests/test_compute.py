@@ -8,13 +8,13 @@ import torch
 
 import diffusers_quant
 from diffusers_quant.compute import (
-    REFERENCE_ENV,
     disable_compute,
     quantize_rows,
     w8a8_kernel,
     w8a8_reference,
 )
 from diffusers_quant.errors import PlanRefused, SpecError
+from diffusers_quant.fused import REFERENCE_ENV
 from diffusers_quant.spec import Plan
 
 pytest.importorskip("optimum.quanto")
