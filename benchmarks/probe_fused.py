@@ -1,8 +1,10 @@
-"""One Flux-width Linear on CUDA: each backend's reference forward against its fused dequantization.
+"""One Flux-width Linear on CUDA: each backend's reference forward against its fast paths.
 
 Per layer (3072 -> 12288 at 4,608 tokens, and the 1-token modulation shape 3072 -> 18432): bf16 F.linear, the
-backend's reference forward (DIFFUSERS_QUANT_REFERENCE=1), the fused forward, and the fused dequantization
-alone; dynamo's recompile counters after the fused calls; the top CUDA kernels of the fused qint4 forward.
+backend's reference forward (DIFFUSERS_QUANT_REFERENCE=1), the forward with the dequantization compiled
+(fused.py, the hand-written kernels off), the forward with the hand-written Triton kernel (kernels.py) where
+it covers the format, and the host time per call of each (no synchronisation: what a host-bound eager step
+pays); dynamo's recompile counters after the compiled calls; the top CUDA kernels of the qint4 forward.
 Prints JSON; median of 20 timed calls after 3 warm-up calls each.
 
     python benchmarks/probe_fused.py > benchmarks/results/<machine>/fused-probe.json
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_quant import fused  # noqa: E402
+from diffusers_quant import fused, kernels  # noqa: E402
 from diffusers_quant.backends import get_backend  # noqa: E402
 from diffusers_quant.backends.gguf.nn import GGUFLinear  # noqa: E402
 from diffusers_quant.spec import Spec  # noqa: E402
@@ -57,6 +59,30 @@ def timed_ms(fn, n: int = 20) -> float:
     return sorted(times)[n // 2]
 
 
+def host_ms(fn, n: int = 50) -> float:
+    """Host time per call, without waiting for the GPU (the launch and Python overhead)."""
+    import time
+
+    fn()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    spent = (time.perf_counter() - t) * 1000 / n
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return spent
+
+
+def _reference(layer, x):
+    os.environ[fused.REFERENCE_ENV] = "1"
+    try:
+        return layer(x)
+    finally:
+        del os.environ[fused.REFERENCE_ENV]
+
+
 def layer_for(fmt: str, linear: torch.nn.Linear):
     backend, qtype = fmt.split(":")
     if backend == "gguf":
@@ -78,15 +104,28 @@ def probe(in_features: int, out_features: int, tokens: int) -> dict:
         want = layer(x)
         del os.environ[fused.REFERENCE_ENV]
         counters.clear()
-        fast = timed_ms(lambda layer=layer: layer(x))
+        kernels.KERNEL_DEVICES.discard(DEVICE)
+        compiled = timed_ms(lambda layer=layer: layer(x))
+        compiled_host = host_ms(lambda layer=layer: layer(x))
         got = layer(x)
+        kernels.KERNEL_DEVICES.add(DEVICE)
+        fast = timed_ms(lambda layer=layer: layer(x))
+        fast_host = host_ms(lambda layer=layer: layer(x))
+        got_kernel = layer(x)
         err = float((got.float() - want.float()).norm() / want.float().norm())
+        err_kernel = float((got_kernel.float() - want.float()).norm() / want.float().norm())
         result[fmt] = {
             "reference_ms": reference,
-            "fused_ms": fast,
-            "fused_over_bf16": fast / result["bf16"],
+            "reference_host_ms": host_ms(lambda layer=layer: _reference(layer, x)),
+            "compiled_ms": compiled,
+            "compiled_host_ms": compiled_host,
+            "kernel_ms": fast,
+            "kernel_host_ms": fast_host,
+            "kernel_over_bf16": fast / result["bf16"],
+            "compiled_over_bf16": compiled / result["bf16"],
             "reference_over_bf16": reference / result["bf16"],
-            "rel_l2_fused_vs_reference": err,
+            "rel_l2_compiled_vs_reference": err,
+            "rel_l2_kernel_vs_reference": err_kernel,
             "recompiles": {k: dict(v) for k, v in counters.items() if k in ("recompiles", "stats", "frames")},
         }
     return result
@@ -131,8 +170,10 @@ def dequant_only() -> dict:
 
 if __name__ == "__main__":
     small = DEVICE == "cpu"  # a smoke run here; the figures are the GPU's
+    os.environ[fused.FUSED_ENV] = "all"
     if small:
         fused.FUSED_DEVICES.add("cpu")
+        kernels.KERNEL_DEVICES.add("cpu")  # Triton's interpreter
     shapes = [(256, 512, 64), (256, 768, 1)] if small else [(3072, 12288, 4608), (3072, 18432, 1)]
     out = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__}
     out["layers"] = [probe(*s) for s in shapes]

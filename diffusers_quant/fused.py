@@ -10,10 +10,11 @@ shapes ran 3x slower on an H200, ``benchmarks/results/nvidia-h200/fused-probe.js
 cuBLAS's with the bias in its epilogue.
 
 Each call of a compiled function costs the host ~0.1-0.25 ms (guards, wrappers, the launch), which a model
-of ~80 Linears turns into host-bound eager steps: on the H200 the fused path paid off in eager steps for
-NNCF (its reference decodes in several float16 ops), and not for quanto or GGUF, whose reference is already
-a short sequence of kernels (``benchmarks/results/nvidia-h200/fused.md``). So by default NNCF layers fuse and
-the others run their reference; ``DIFFUSERS_QUANT_FUSED=all | none | <backend>,...`` chooses.
+of ~80 Linears turns into host-bound eager steps; so where Triton runs, the common layouts take a
+hand-written kernel instead (``kernels.py``: one launch), and the compiled function stays for the rest
+(GGUF K-quants, ...). With the kernels every backend's eager step on the H200 came within 1.10x of bf16
+(``benchmarks/results/nvidia-h200/kernels.md``), so every backend fuses by default;
+``DIFFUSERS_QUANT_FUSED=all | none | <backend>,...`` chooses.
 
 Inside a model that is itself compiled (``compile_repeated_blocks``) the plain function is traced into the
 block's graph instead (every backend: there fusion costs nothing per call). Elsewhere (CPU, or ``DIFFUSERS_QUANT_REFERENCE=1``) the function runs as it is: the
@@ -29,11 +30,13 @@ from typing import TypeVar
 
 import torch
 
+from . import kernels
+
 REFERENCE_ENV = "DIFFUSERS_QUANT_REFERENCE"
 FUSED_ENV = "DIFFUSERS_QUANT_FUSED"
 FUSED_BACKENDS = ("gguf", "nncf", "quanto")
-# the backends whose eager steps the fused path made faster (see the module doc)
-DEFAULT_FUSED = frozenset({"nncf"})
+# the backends whose eager steps the fused path made faster (see the module doc): all of them
+DEFAULT_FUSED = frozenset(FUSED_BACKENDS)
 # Devices whose tensors take the compiled kernels (tests add "cpu" to check the compiled graphs here).
 FUSED_DEVICES = {"cuda"}
 
@@ -94,10 +97,12 @@ def fast_path_wanted(t: torch.Tensor, backend: str) -> bool:
     return backend in fused_backends() and _compiles_here(t)
 
 
-def fused(fn: F) -> F:
-    """``fn`` (tensors in, one tensor out) run compiled where its first argument is on a fused device
-    (outside compiled regions, unless the reference is forced), else as it is. Compiled lazily, one static graph per shape (up to ``RECOMPILE_LIMIT``;
-    past it dynamo runs the function as it is)."""
+def fused(fn: F, kernel: Callable | None = None) -> F:
+    """``fn`` (tensors in, one tensor out) run fast where its first argument is on a fused device (outside
+    compiled regions, unless the reference is forced), else as it is. Fast means ``kernel`` (a hand-written
+    Triton kernel with ``fn``'s arguments, ``kernels.py``) where Triton runs and the kernel covers the
+    arguments (it returns None where not), else ``fn`` compiled: lazily, one static graph per shape (up to
+    ``RECOMPILE_LIMIT``; past it dynamo runs the function as it is)."""
     compiled = None
 
     @functools.wraps(fn)
@@ -105,11 +110,18 @@ def fused(fn: F) -> F:
         nonlocal compiled
         if not _compiles_here(first):
             return fn(first, *args, **kwargs)
+        if kernel is not None and kernels.available(first):
+            out = kernel(first, *args, **kwargs)
+            if out is not None:
+                run.kernel_calls += 1
+                return out
         if compiled is None:
             compiled = torch.compile(fn, dynamic=False, fullgraph=True)
         run.fused_calls += 1
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(first, *args, **kwargs)
 
-    run.fused_calls = 0  # how often the compiled kernel ran (tests check that the fused path was taken)
+    # how often the hand-written kernel / the compiled function ran (tests check which path was taken)
+    run.kernel_calls = 0
+    run.fused_calls = 0
     return run  # type: ignore[return-value]

@@ -102,18 +102,20 @@ def test_reference_switch_turns_every_fused_path_off(fused_on_cpu, monkeypatch):
     assert [quanto_backend._fused_weights()[1].fused_calls, _fused_decompress().fused_calls] == counts
 
 
-def test_by_default_only_nncf_fuses(fused_on_cpu, monkeypatch):
-    """The backends whose eager steps the fused path made faster on the GPU; the switch picks others."""
+def test_by_default_every_backend_fuses_and_the_switch_picks(fused_on_cpu, monkeypatch):
+    """With the hand-written kernels every backend's eager step was faster fused on the GPU (kernels.py);
+    the switch picks a subset."""
     monkeypatch.delenv(fused.FUSED_ENV)
+    assert fused.fused_backends() == frozenset(fused.FUSED_BACKENDS)
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     quanto_layer, nncf_layer = _quantized("quanto", "qint4"), _quantized("nncf", "int4")
     quanto_kernel = quanto_backend._fused_weights()[1]
     counts = [quanto_kernel.fused_calls, _fused_decompress().fused_calls]
     quanto_layer(x), nncf_layer(x)
-    assert [quanto_kernel.fused_calls, _fused_decompress().fused_calls] == [counts[0], counts[1] + 1]
-    monkeypatch.setenv(fused.FUSED_ENV, "quanto")
-    quanto_layer(x), nncf_layer(x)
     assert [quanto_kernel.fused_calls, _fused_decompress().fused_calls] == [counts[0] + 1, counts[1] + 1]
+    monkeypatch.setenv(fused.FUSED_ENV, "nncf")
+    quanto_layer(x), nncf_layer(x)
+    assert [quanto_kernel.fused_calls, _fused_decompress().fused_calls] == [counts[0] + 1, counts[1] + 2]
     monkeypatch.setenv(fused.FUSED_ENV, "none")
     assert fused.fused_backends() == frozenset()
 
@@ -126,7 +128,10 @@ def test_an_unknown_backend_in_the_switch_names_the_choices(monkeypatch):
         fused.fused_backends()
 
 
-@pytest.mark.parametrize(("backend", "qtype"), [("quanto", "qint4"), ("nncf", "int4_sym"), ("bnb", "nf4")])
+@pytest.mark.parametrize(
+    ("backend", "qtype"),
+    [("quanto", "qint4"), ("quanto", "qint8"), ("nncf", "int4_sym"), ("bnb", "nf4"), ("gguf", "q8_0")],
+)
 def test_no_graph_break_inside_a_quantized_linear(backend, qtype, fused_on_cpu):
     """Compiled inside a model, a layer is traced whole (the fused path stands aside for the outer graph)."""
     layer = _quantized(backend, qtype)
@@ -136,14 +141,31 @@ def test_no_graph_break_inside_a_quantized_linear(backend, qtype, fused_on_cpu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["kernel", "compiled"])
 @pytest.mark.parametrize(
     ("backend", "qtype"), [*(("quanto", q) for q in QUANTO), *(("nncf", q) for q in NNCF)]
 )
-def test_fused_kernels_on_cuda(backend, qtype, monkeypatch):
+def test_fused_kernels_on_cuda(backend, qtype, path, monkeypatch):
+    """Both fast paths on CUDA: the hand-written Triton kernel (kernels.py), and with it off the compiled
+    function."""
+    from diffusers_quant import kernels
+
+    if path == "compiled":
+        monkeypatch.setattr(kernels, "KERNEL_DEVICES", set())
     monkeypatch.setenv(fused.FUSED_ENV, "all")
     layer = _quantized(backend, qtype).to("cuda")
     x = torch.randn(4, 512, 256, dtype=torch.bfloat16, device="cuda")
     monkeypatch.setenv(fused.REFERENCE_ENV, "1")
     want = layer(x)
     monkeypatch.delenv(fused.REFERENCE_ENV)
+    if backend == "nncf":
+        runner = _fused_decompress()
+    else:
+        runner = quanto_backend._fused_weights()[qtype in ("qint4", "qint2")]
+    counts = runner.kernel_calls, runner.fused_calls
     _close(layer(x), want, torch.bfloat16)
+    took_kernel = path == "kernel"
+    assert (runner.kernel_calls, runner.fused_calls) == (
+        counts[0] + took_kernel,
+        counts[1] + (not took_kernel),
+    )

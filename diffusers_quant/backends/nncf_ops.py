@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..fused import fast_path_wanted, fused
 
 __all__ = [
@@ -165,7 +166,7 @@ def decompress(
 
 @functools.cache
 def _fused_decompress():
-    return fused(decompress)
+    return fused(decompress, kernels.nncf)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:

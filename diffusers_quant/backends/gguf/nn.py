@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import kernels
 from ...fused import fast_path_wanted, fused
 from .dequant import (
     _COMPUTE_DTYPE_TYPES,
@@ -43,18 +44,24 @@ def _fusable(qtype: str) -> bool:
     return qtype in DEQUANTIZERS and block_info(qtype)[0] > 1
 
 
+def _decode(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The blocks of one ggml type decoded to ``dtype`` as the forward does: straight in a 16-bit dtype
+    where the type's decoder can (within 16-bit rounding of ``dequantize``'s exact result)."""
+    fn = DEQUANTIZERS[qtype]
+    if qtype in _COMPUTE_DTYPE_TYPES and dtype in (torch.bfloat16, torch.float16):
+        return fn(blocks, dtype)
+    return fn(blocks).to(dtype)
+
+
 @functools.cache
 def _fused_decoder(qtype: str):
-    """The blocks of one ggml type decoded to a dtype, run compiled on CUDA (one graph per type)."""
-    fn = DEQUANTIZERS[qtype]
-    takes_dtype = qtype in _COMPUTE_DTYPE_TYPES  # decodes straight in a 16-bit dtype (the forward's choice)
+    """:func:`_decode` for one ggml type, run fast on CUDA (fused.py: the hand-written kernel where it
+    covers the type, else compiled, one graph per type)."""
 
     def decode(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if takes_dtype and dtype in (torch.bfloat16, torch.float16):
-            return fn(blocks, dtype)
-        return fn(blocks).to(dtype)
+        return _decode(qtype, blocks, dtype)
 
-    return fused(decode)
+    return fused(decode, functools.partial(kernels.ggml, qtype))  # None for the types it does not cover
 
 
 def _as_bytes(raw: torch.Tensor) -> torch.Tensor:
@@ -188,6 +195,17 @@ class GGUFLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    @property
+    def qtype(self) -> str:
+        return self._qtype
+
+    @qtype.setter
+    def qtype(self, value: str | int) -> None:
+        # resolved once here: the forward does no type lookups (they break a compiled graph)
+        self._qtype = qtype_name(value)
+        self._type_size = block_info(self._qtype)[1]
+        self._fusable = _fusable(self._qtype)
+
     @classmethod
     def from_raw(
         cls,
@@ -250,12 +268,17 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or (x.dtype if x.is_floating_point() else torch.float32)
-        if fast_path_wanted(x, "gguf") and _fusable(self.qtype):
-            # one fused kernel reads the packed bytes and writes the weight (fused.py)
-            blocks = self.weight.reshape(-1, block_info(self.qtype)[1])
-            w = _fused_decoder(self.qtype)(blocks, dtype).reshape(self.weight_shape)
+        if self._fusable and torch.compiler.is_compiling():
+            # traced into the caller's graph; no type lookups here (dynamo breaks on the ggml enum's)
+            w = _decode(self._qtype, self.weight.reshape(-1, self._type_size), dtype).reshape(
+                self.weight_shape
+            )
+        elif self._fusable and fast_path_wanted(x, "gguf"):
+            # one kernel reads the packed bytes and writes the weight (fused.py)
+            blocks = self.weight.reshape(-1, self._type_size)
+            w = _fused_decoder(self._qtype)(blocks, dtype).reshape(self.weight_shape)
         else:
-            w = dequantize(self.weight, self.qtype, self.weight_shape, dtype, exact=False)
+            w = dequantize(self.weight, self._qtype, self.weight_shape, dtype, exact=False)
         b = None if self.bias is None else self.bias.to(dtype)
         y = F.linear(x.to(dtype), w, b)
         return y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)

@@ -44,14 +44,28 @@ def test_float_tensors_are_not_fused(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["kernel", "compiled"])
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_fused_forward_on_cuda(qtype, make_blocks, monkeypatch):
+def test_fused_forward_on_cuda(qtype, path, make_blocks, monkeypatch):
+    """Both fast paths on CUDA: the hand-written kernel where it covers the type (kernels.GGML_TYPES), and
+    the compiled decoder."""
+    from diffusers_quant import kernels
+
+    if path == "compiled":
+        monkeypatch.setattr(kernels, "KERNEL_DEVICES", set())
     monkeypatch.setenv(fused.FUSED_ENV, "gguf")
     layer = _layer(qtype, make_blocks).to("cuda")
     x = torch.randn(4, 64, layer.in_features, dtype=torch.bfloat16, device="cuda")
     monkeypatch.setenv(fused.REFERENCE_ENV, "1")
     want = layer(x)
     monkeypatch.delenv(fused.REFERENCE_ENV)
+    runner = _fused_decoder(layer.qtype)
+    counts = runner.kernel_calls, runner.fused_calls
     got = layer(x)
     scale = want.abs().max().item()
     assert (got.float() - want.float()).abs().max().item() <= 8 * torch.finfo(torch.bfloat16).eps * scale
+    took_kernel = path == "kernel" and layer.qtype in kernels.GGML_TYPES
+    assert (runner.kernel_calls, runner.fused_calls) == (
+        counts[0] + took_kernel,
+        counts[1] + (not took_kernel),
+    )

@@ -1,0 +1,133 @@
+"""The hand-written Triton kernels (kernels.py) against each backend's pure-torch reference.
+
+On the CPU Triton's interpreter runs the same kernel code (``KERNEL_DEVICES`` gains "cpu"): float16 and
+float32 outputs must equal the reference bit for bit; bfloat16 within the interpreter's truncating cast. On
+CUDA (``gpu`` marker) every output must equal the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_quant import fused, kernels
+from diffusers_quant.backends import get_backend
+from diffusers_quant.backends import quanto as quanto_backend
+from diffusers_quant.backends.gguf import nn as gguf_nn
+from diffusers_quant.backends.gguf.dequant import DEQUANTIZERS, block_info
+from diffusers_quant.backends.gguf.quantize import to_ggml
+from diffusers_quant.backends.nncf_ops import decompress
+from diffusers_quant.spec import Spec
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+HALF = (torch.bfloat16, torch.float16)
+# 100 x 384: rows and element counts that are not multiples of the kernels' block (masked tails)
+ROWS, COLS = 100, 384
+
+
+@pytest.fixture
+def kernels_here(monkeypatch):
+    monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(fused.FUSED_ENV, "all")
+
+
+def _linear(dtype, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(COLS, ROWS).to(dtype)
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype and got.device == want.device
+    if got.device.type == "cuda" or got.dtype != torch.bfloat16:
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    else:  # the interpreter truncates float32 -> bfloat16: within a few ulps of the weight's magnitude
+        bound = 4 * torch.finfo(torch.bfloat16).eps * want.float().abs().max().item()
+        assert (got.float() - want.float()).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("qtype", ["qint8", "qfloat8", "qint4", "qint2"])
+def test_quanto_kernels_decode_as_quanto_does(qtype, dtype, device, kernels_here):
+    weight = _quantized_weight("quanto", qtype, dtype).to(device)
+    with torch._C.DisableTorchFunctionSubclass():
+        if qtype in ("qint4", "qint2"):
+            args = (weight._data._data, weight._scale, weight._shift, weight._data.bits, *weight.shape)
+            got, want = kernels.quanto_bits(*args), quanto_backend._bits_weight(*args)
+        else:
+            got = kernels.quanto_bytes(weight._data, weight._scale)
+            want = quanto_backend._bytes_weight(weight._data, weight._scale)
+    _same(got, want)
+
+
+def _quantized_weight(backend, qtype, dtype):
+    return (
+        get_backend(backend).quantize_linear(_linear(dtype), Spec.parse(f"{backend}:{qtype}"), dtype).weight
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32])
+@pytest.mark.parametrize("qtype", ["int8", "int8_sym", "int4", "int4_sym"])
+def test_nncf_kernel_decompresses_as_nncf_does(qtype, dtype, device, kernels_here):
+    layer = get_backend("nncf").quantize_linear(_linear(torch.float32), Spec.parse(f"nncf:{qtype}"), dtype)
+    pieces = [p.to(device) if isinstance(p, torch.Tensor) else p for p in layer._pieces()]
+    _same(kernels.nncf(*pieces, dtype), decompress(*pieces, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("qtype", list(kernels.GGML_TYPES))
+def test_ggml_kernel_decodes_as_the_forward_does(qtype, dtype, device, kernels_here):
+    torch.manual_seed(1)
+    blocks = to_ggml(torch.randn(ROWS, COLS) * 0.05, qtype).reshape(-1, block_info(qtype)[1]).to(device)
+    _same(kernels.ggml(qtype, blocks, dtype), DEQUANTIZERS[qtype](blocks, dtype))
+
+
+def test_ggml_kernel_declines_what_it_does_not_cover(kernels_here):
+    blocks = to_ggml(torch.randn(8, 256), "Q8_0").reshape(-1, 34)
+    assert kernels.ggml("Q8_0", blocks, torch.float32) is None  # the reference decodes float32 exactly
+    assert kernels.ggml("Q4_K", torch.zeros(8, 144, dtype=torch.uint8), torch.bfloat16) is None  # a K-quant
+    assert kernels.ggml("Q8_0", blocks[:, :33], torch.bfloat16) is None  # not a Q8_0 block row
+
+
+@pytest.mark.parametrize(
+    "backend,qtype",
+    [("quanto", "qint8"), ("quanto", "qint4"), ("nncf", "int8"), ("nncf", "int4"), ("gguf", "q4_0")],
+)
+def test_layers_run_the_kernel_and_match_their_reference(backend, qtype, kernels_here, monkeypatch):
+    """A quantized Linear's forward takes the hand-written kernel (not the compiled function) and gives the
+    reference forward's output."""
+    dtype = torch.float16  # exact in the interpreter
+    layer = get_backend(backend).quantize_linear(_linear(dtype), Spec.parse(f"{backend}:{qtype}"), dtype)
+    x = torch.randn(3, COLS, dtype=dtype)
+    runner = _runner(backend, qtype)
+    kernel_before, compiled_before = runner.kernel_calls, runner.fused_calls
+    got = layer(x)
+    assert runner.kernel_calls == kernel_before + 1 and runner.fused_calls == compiled_before
+    monkeypatch.setenv(fused.REFERENCE_ENV, "1")
+    want = layer(x)
+    assert runner.kernel_calls == kernel_before + 1
+    if backend == "quanto":  # quanto's own matmul scales after the int matmul: other roundings
+        bound = 4 * torch.finfo(dtype).eps * want.abs().max().item()
+        assert (got - want).abs().max().item() <= bound
+    else:
+        assert torch.equal(got, want)
+
+
+def _runner(backend, qtype):
+    if backend == "quanto":
+        bytes_weight, bits_weight = quanto_backend._fused_weights()
+        return bits_weight if qtype in ("qint4", "qint2") else bytes_weight
+    if backend == "nncf":
+        from diffusers_quant.backends.nncf_ops import _fused_decompress
+
+        return _fused_decompress()
+    return gguf_nn._fused_decoder(qtype.upper())
+
+
+def test_kernels_stay_off_devices_not_listed():
+    assert "cpu" not in kernels.KERNEL_DEVICES
+    assert not kernels.available(torch.zeros(1))
