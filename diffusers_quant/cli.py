@@ -136,7 +136,7 @@ def cmd_check(args) -> int:
     """Say whether a plan can run on a pipeline, reading no weights."""
     from .errors import PlanRefused
     from .hooks import _pipeline_components
-    from .offload import planned_maps
+    from .offload import _size, is_multi_gpu, planned_maps
     from .rules import problems
 
     plan = _plan(args)
@@ -155,6 +155,21 @@ def cmd_check(args) -> int:
             for name, device_map in maps.items():
                 print(f"{name}: balanced device map (from the configs; no weight read)")
                 print("\n".join(device_map.lines()))
+            if is_multi_gpu(plan) and maps:
+                total: dict[str, int] = {}
+                for device_map in maps.values():
+                    for device, nbytes in device_map.bytes_on.items():
+                        total[device] = total.get(device, 0) + nbytes
+                budgets = {
+                    f"cuda:{k}" if isinstance(k, int) else k: v for k, v in plan.max_memory_bytes().items()
+                }
+                print(
+                    f"pipeline over {', '.join(f'cuda:{i}' for i in plan.gpu_indices())} (max_memory={plan.max_memory}):"
+                )
+                for device in sorted(total, key=lambda d: (d == "cpu", d)):
+                    cap = f" of {_size(budgets[device])}" if device in budgets else ""
+                    names = [n for n, m in maps.items() if device in m.bytes_on]
+                    print(f"  {device}: {_size(total[device])}{cap} ({', '.join(names)})")
     if found:
         print("refused:\n" + "\n".join(f"  - {p}" for p in found))
         return 1
@@ -357,10 +372,11 @@ def _refuse_out(spec, out: Path) -> None:
 def _write_gguf(cls, folder: str, kind: str, spec, out: Path) -> int:
     from .backends.gguf import portable_config
     from .backends.gguf.writer import write_gguf
-    from .components import DEFAULT_EXCLUDE, _matches_full
+    from .components import _matches_full, default_excludes
 
     model = cls.from_pretrained(folder)
-    keep = DEFAULT_EXCLUDE.get(kind, ())
+    # the family table's full-precision layers (families.py), as a quantize plan keeps them
+    keep = default_excludes(model, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = write_gguf(
         str(out),

@@ -176,12 +176,40 @@ _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _BACKENDS = ("bnb", "quanto", "nncf", "gguf")
 
 
+# Original-layout files tested outside the modules ``file_cells`` reads: Flux's BFL GGUF
+# (tests/backends/gguf/test_gguf_loading.py::test_original_bfl_key_names_load, the model's from_single_file).
+_OTHER_GGUF_FILES = {"flux": "flux_bfl: q8_0 M"}
+
+
+def file_cells() -> tuple[dict[str, str], dict[str, str]]:
+    """Per family, the original-layout files the file tests load: GGUF (its layout, the type the model's
+    from_single_file reads, M, and the type a pipeline's plan entry reads, P: test_family_files.py) and
+    single-file safetensors with a plan (the spec and load path: test_single_file_families.py)."""
+    sys.path.insert(0, str(Path(__file__).parent / "backends" / "gguf"))
+    from originals import ORIGINALS
+    from test_family_files import MODEL_QTYPE, PIPELINE_QTYPE
+    from test_single_file_families import CASES
+
+    gguf = dict(_OTHER_GGUF_FILES)
+    for name, qtype in MODEL_QTYPE.items():
+        parts = [f"{qtype.lower()} M"]
+        if name in PIPELINE_QTYPE and name != "wan":  # wan22's pipeline test loads Wan 2.1's layout, twice
+            parts.append(f"{PIPELINE_QTYPE[name].lower()} P")
+        gguf[name] = f"{ORIGINALS[name].gguf_format}: " + ", ".join(parts)
+    single = {name: f"{spec} post-load" for name, spec, _ in CASES}
+    return gguf, single
+
+
 def table() -> str:
-    """The README's "What is tested" table, from ``CELLS``: per family and backend, each qtype with the
-    components (D: denoiser, T: text encoders), the load path and the dtype a fast cell runs it in."""
+    """The README's "What is tested" table, from ``CELLS`` and ``file_cells``: per family and backend, each
+    qtype with the components (D: denoiser, T: text encoders), the load path and the dtype a fast cell runs
+    it in; then the original-layout files loaded."""
+    gguf_files, single_files = file_cells()
     lines = [
-        "| family | pipeline | " + " | ".join(_BACKENDS) + " |",
-        "|---|---|" + "---|" * len(_BACKENDS),
+        "| family | pipeline | "
+        + " | ".join(_BACKENDS)
+        + " | GGUF file, original layout | single file + plan |",
+        "|---|---|" + "---|" * (len(_BACKENDS) + 2),
     ]
     for name, family in FAMILIES.items():
         cells = {b: [] for b in _BACKENDS}
@@ -190,6 +218,7 @@ def table() -> str:
                 backend, qtype = spec.split(":")
                 cells[backend].append(f"{qtype} {part} {cell.mode} {_DTYPES[cell.dtype]}")
         row = [name, family.pipeline] + ["; ".join(cells[b]) or "-" for b in _BACKENDS]
+        row += [gguf_files.get(name, "-"), single_files.get(name, "-")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

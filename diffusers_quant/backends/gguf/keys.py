@@ -25,9 +25,25 @@ Per format:
   rows land in which output (q/k/v chunks and the shift/scale swap are dim-0 only).
 * ``wan`` (Wan 2.1/2.2 original layout): diffusers' ``convert_wan_transformer_to_diffusers``, renames
   only.  Wan-Animate checkpoints (``motion_encoder``/``face_adapter``) index other dims and are refused.
-* ``ldm_unet``, ``chroma``, ``flux2``, ``hunyuan_video``: detected but not supported yet
-  (``KeyFormatError`` names the format).  ``ldm_unet`` would additionally need the UNet config, and its
-  converter slices conv weights (``[:, :, 0, 0]``), which is not a dim-0 operation.
+* ``flux2`` (BFL Flux.2 dev / Klein layout): diffusers' ``convert_flux2_transformer_checkpoint_to_diffusers``
+  traced (q/k/v chunks, the final shift/scale swap; single blocks stay fused).
+* ``chroma`` (Chroma's Flux-like layout with the ``distilled_guidance_layer`` approximator): the
+  ``flux_bfl`` mapping plus the approximator's renames.  diffusers' converter hard-codes Flux's widths
+  (``inner_dim=3072``, ``mlp_ratio=4``) for the ``linear1`` split, so it is not traced; the tests check the
+  two agree at those widths.
+* ``hunyuan_video`` (Tencent HunyuanVideo layout): diffusers'
+  ``convert_hunyuan_video_transformer_to_diffusers`` traced, with the single blocks' ``linear1`` split here
+  first, sized from ``linear2`` (the converter hard-codes ``hidden_size=3072``).
+* ``ltx`` (Lightricks LTX-Video 0.9.x layout, ``patchify_proj``/``adaln_single``): diffusers'
+  ``convert_ltx_transformer_checkpoint_to_diffusers`` traced, renames only.
+* ``lumina2`` (Alpha-VLLM Lumina-Image-2.0 layout, ``cap_embedder``/``attention.qkv``): diffusers'
+  ``convert_lumina2_to_diffusers`` traced, with the fused ``qkv`` split here first, sized from
+  ``attention.out`` (the converter hard-codes 2304/768/768); the unused ``norm_final.weight`` is dropped
+  as the converter drops it.
+* Qwen-Image and HiDream files (city96's among them) use diffusers' names: the ``diffusers`` format.
+* ``ldm_unet`` (CompVis / SGM SD 1.x, SD 2.x and SDXL UNets, ``input_blocks``/``output_blocks``): diffusers'
+  ``convert_ldm_unet_checkpoint`` traced with the model's ``config`` (renames only; the ``[:, :, 0, 0]``
+  reshape of ``conv_attn_to_linear`` is the VAE's, which GGUF files do not carry).
 """
 
 from __future__ import annotations
@@ -39,8 +55,18 @@ from typing import Any
 import torch
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-SUPPORTED_FORMATS = ("diffusers", "flux_bfl", "sd3", "wan")
-KNOWN_FORMATS = (*SUPPORTED_FORMATS, "ldm_unet", "chroma", "flux2", "hunyuan_video", "unknown")
+SUPPORTED_FORMATS = (
+    "diffusers",
+    "flux_bfl",
+    "sd3",
+    "wan",
+    "flux2",
+    "chroma",
+    "hunyuan_video",
+    "ltx",
+    "lumina2",
+)
+KNOWN_FORMATS = (*SUPPORTED_FORMATS, "unknown")
 
 
 class KeyFormatError(ValueError):
@@ -58,8 +84,12 @@ def strip_prefix(name: str) -> str:
     return name
 
 
+_LUMINA_QKV = re.compile(r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.qkv\.weight")
 _DIFFUSERS_MARKERS = re.compile(
-    r"^(transformer_blocks|single_transformer_blocks|down_blocks|up_blocks|mid_block)\.|^blocks\.\d+\.attn1\."
+    r"^(transformer_blocks|single_transformer_blocks|down_blocks|up_blocks|mid_block)\."
+    r"|^blocks\.\d+\.attn1\."
+    r"|^(double|single)_stream_blocks\.\d+\.block\."  # HiDream (its original names are diffusers')
+    r"|^(layers|noise_refiner|context_refiner)\.\d+\.attn\.to_q\."  # Lumina2
 )
 
 
@@ -82,13 +112,22 @@ def detect_key_format(names: Iterable[str]) -> str:
         return "wan"
     if "input_blocks.0.0.weight" in keys and any(k.startswith("output_blocks.") for k in keys):
         return "ldm_unet"
+    if "patchify_proj.weight" in keys:  # before the diffusers markers: LTX keeps transformer_blocks.N
+        return "ltx"
+    if "cap_embedder.0.weight" in keys or any(_LUMINA_QKV.fullmatch(k) for k in keys):
+        return "lumina2"
     if any(_DIFFUSERS_MARKERS.match(k) for k in keys):
         return "diffusers"
     return "unknown"
 
 
-def to_diffusers_keys(tensors: Mapping[str, Any], fmt: str | None = None) -> dict[str, Any]:
+def to_diffusers_keys(
+    tensors: Mapping[str, Any], fmt: str | None = None, config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Rename (and split/join along dim 0) ``tensors`` into diffusers names.
+
+    ``config`` (the diffusers model config) is needed by the layouts whose conversion depends on it
+    (``ldm_unet``); the others ignore it.
 
     Values are ``torch.Tensor`` (logical shape) or ``GGUFWeight``; any object with ``shape``, ``narrow``
     and a ``cat`` static method works.  Raises ``KeyFormatError`` for unsupported formats and for keys a
@@ -114,6 +153,38 @@ def to_diffusers_keys(tensors: Mapping[str, Any], fmt: str | None = None) -> dic
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
         return _run_traced(convert_wan_transformer_to_diffusers, sd, fmt)
+    if fmt == "ldm_unet":
+        if config is None:
+            raise KeyFormatError(
+                "GGUF key format 'ldm_unet' is not supported yet without the UNet's config: its block layout "
+                "comes from layers_per_block and the added conditioning; fix: pass config= (the folder of the "
+                "UNet's config.json)"
+            )
+        from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
+        def convert(checkpoint: dict) -> dict:  # the converter reads only the prefixed (LDM) names
+            prefixed = {LDM_UNET_KEY + k: v for k, v in checkpoint.items()}
+            return convert_ldm_unet_checkpoint(prefixed, dict(config))
+
+        return _run_traced(convert, sd, fmt)
+    if fmt == "flux2":
+        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+        return _run_traced(convert_flux2_transformer_checkpoint_to_diffusers, sd, fmt)
+    if fmt == "chroma":
+        return _convert_chroma(sd)
+    if fmt == "hunyuan_video":
+        from diffusers.loaders.single_file_utils import convert_hunyuan_video_transformer_to_diffusers
+
+        return _run_traced(convert_hunyuan_video_transformer_to_diffusers, _split_hunyuan_linear1(sd), fmt)
+    if fmt == "ltx":
+        from diffusers.loaders.single_file_utils import convert_ltx_transformer_checkpoint_to_diffusers
+
+        return _run_traced(convert_ltx_transformer_checkpoint_to_diffusers, sd, fmt)
+    if fmt == "lumina2":
+        from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
+
+        return _run_traced(convert_lumina2_to_diffusers, _split_lumina_qkv(sd), fmt)
     if fmt == "unknown":
         raise KeyFormatError(
             f"could not recognise the tensor naming of this checkpoint (e.g. {_preview(list(sd), 3)}); "
@@ -205,13 +276,13 @@ _FLUX_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 _BLOCK = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.(.+)")
 
 
-def _convert_flux_bfl(sd: Mapping[str, Any]) -> dict[str, Any]:
+def _convert_flux_bfl(sd: Mapping[str, Any], fmt: str = "flux_bfl") -> dict[str, Any]:
     out: dict[str, Any] = {}
     unknown: list[str] = []
 
     def put(name: str, value: Any) -> None:
         if name in out:
-            raise KeyFormatError(f"flux_bfl: two source tensors map to {name!r}")
+            raise KeyFormatError(f"{fmt}: two source tensors map to {name!r}")
         out[name] = value
 
     for key, value in sd.items():
@@ -240,7 +311,7 @@ def _convert_flux_bfl(sd: Mapping[str, Any]) -> dict[str, Any]:
         else:
             prefix = f"single_transformer_blocks.{index}."
             if sub == "linear1":
-                inner = _flux_inner_dim(sd, index)
+                inner = _flux_inner_dim(sd, index, fmt)
                 sizes = [inner, inner, inner, value.shape[0] - 3 * inner]
                 for target, part in zip(_FLUX_LINEAR1, _split(value, sizes), strict=True):
                     put(f"{prefix}{target}.{param}", part)
@@ -249,18 +320,95 @@ def _convert_flux_bfl(sd: Mapping[str, Any]) -> dict[str, Any]:
             else:
                 unknown.append(key)
     if unknown:
-        raise KeyFormatError(f"flux_bfl: no diffusers name for {len(unknown)} tensors: {_preview(unknown)}")
+        raise KeyFormatError(f"{fmt}: no diffusers name for {len(unknown)} tensors: {_preview(unknown)}")
     return out
 
 
-def _flux_inner_dim(sd: Mapping[str, Any], index: str) -> int:
+def _flux_inner_dim(sd: Mapping[str, Any], index: str, fmt: str = "flux_bfl") -> int:
     # linear2 maps concat(attn, mlp) back to the hidden size, so its out dim is the attention width
     linear2 = sd.get(f"single_blocks.{index}.linear2.weight")
     if linear2 is None:
         raise KeyFormatError(
-            f"flux_bfl: single_blocks.{index}.linear2.weight missing; cannot size linear1 split"
+            f"{fmt}: single_blocks.{index}.linear2.weight missing; cannot size linear1 split"
         )
     return int(linear2.shape[0])
+
+
+# Chroma: Flux's blocks without their modulation, plus the approximator (distilled_guidance_layer)
+_CHROMA_GUIDANCE = re.compile(
+    r"distilled_guidance_layer\.(?:layers\.(\d+)\.(in_layer|out_layer)|norms\.(\d+))\.(\w+)"
+)
+
+
+def _convert_chroma(sd: Mapping[str, Any]) -> dict[str, Any]:
+    guidance: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in sd.items():
+        if not key.startswith("distilled_guidance_layer."):
+            rest[key] = value
+            continue
+        m = _CHROMA_GUIDANCE.fullmatch(key)
+        if m is None:  # in_proj / out_proj keep their names
+            guidance[key] = value
+        elif m[1] is not None:
+            linear = "linear_1" if m[2] == "in_layer" else "linear_2"
+            guidance[f"distilled_guidance_layer.layers.{m[1]}.{linear}.{m[4]}"] = value
+        else:  # RMSNorm "scale" is diffusers' "weight"
+            param = "weight" if m[4] == "scale" else m[4]
+            guidance[f"distilled_guidance_layer.norms.{m[3]}.{param}"] = value
+    out = _convert_flux_bfl(rest, "chroma")
+    clash = sorted(set(out) & set(guidance))
+    if clash:
+        raise KeyFormatError(f"chroma: two source tensors map to {_preview(clash)}")
+    return {**guidance, **out}
+
+
+# HunyuanVideo and Lumina2: fused tensors diffusers' converters split at hard-coded widths, split here first
+# (sized from the tensors' shapes) under names the converters then rename as they would their own pieces.
+_HUNYUAN_LINEAR1 = re.compile(r"single_blocks\.(\d+)\.linear1\.(weight|bias)")
+
+
+def _split_hunyuan_linear1(sd: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        m = _HUNYUAN_LINEAR1.fullmatch(key)
+        if m is None:
+            out[key] = value
+            continue
+        index, param = m.groups()
+        hidden = _flux_inner_dim(sd, index, "hunyuan_video")
+        sizes = [hidden, hidden, hidden, value.shape[0] - 3 * hidden]
+        names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        for name, part in zip(names, _split(value, sizes), strict=True):
+            out[f"single_blocks.{index}.{name}.{param}"] = part
+    return out
+
+
+_LUMINA_QKV_PARAM = re.compile(r"(.+)\.attention\.qkv\.(weight|bias)")
+
+
+def _split_lumina_qkv(sd: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        if key == "norm_final.weight":  # unused by the model; diffusers' converter drops it too
+            continue
+        m = _LUMINA_QKV_PARAM.fullmatch(key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, param = m.groups()
+        proj = sd.get(f"{prefix}.attention.out.weight")
+        if proj is None:
+            raise KeyFormatError(f"lumina2: {prefix}.attention.out.weight missing; cannot size the qkv split")
+        q = int(proj.shape[1])  # out maps the heads back to the width: its in dim is the query width
+        kv, odd = divmod(value.shape[0] - q, 2)
+        if odd or kv <= 0:
+            raise KeyFormatError(
+                f"lumina2: {key} has {value.shape[0]} rows, not {q} query rows plus two equal key/value parts"
+            )
+        for name, part in zip(("to_q", "to_k", "to_v"), _split(value, [q, kv, kv]), strict=True):
+            out[f"{prefix}.attention.{name}.{param}"] = part
+    return out
 
 
 def _preview(names: Sequence[str], n: int = 8) -> str:

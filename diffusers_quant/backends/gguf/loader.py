@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ...components import fp32_modules
 from ...errors import QuantError, choices
 from .dequant import DEQUANTIZERS, PLAIN_QTYPES
 from .keys import detect_key_format, to_diffusers_keys
@@ -413,7 +414,7 @@ def load_gguf_model(
     cfg, source = _config(file, cls, config, subfolder)
     weights = {n: GGUFWeight.from_gguf(file, n) for n in names}  # zero-copy views, nothing read yet
     try:
-        converted = to_diffusers_keys(weights, detect_key_format(names))
+        converted = to_diffusers_keys(weights, detect_key_format(names), config=cfg)
     except Exception as exc:  # KeyFormatError and friends: the naming is not one we can map
         raise QuantError(f"{path}: {exc}") from None
     model = _build(cls, cfg, file, source)
@@ -440,14 +441,26 @@ def load_gguf_model(
             "missing tensors are never filled with defaults; fix: use a complete file (re-export it), or "
             "pass the config this file was made from"
         )
+    # The modules the class keeps in float32 are decoded, as diffusers' own GGUF loader does (its
+    # modules_to_not_convert): model code reads their parameters' dtype (Wan casts the timestep to its
+    # time_embedder's, which would be a GGUF layer's uint8), and at half precision they stay float32.
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    fp32 = fp32_modules(model, dtype)
     linears: dict[str, GGUFWeight] = {}
     for key, weight in converted.items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name)
-        if weight.qtype not in PLAIN_QTYPES and attr == "weight" and type(module) is torch.nn.Linear:
+        parts = key.split(".")
+        decoded = any(m in parts for m in keep)
+        if (
+            weight.qtype not in PLAIN_QTYPES
+            and attr == "weight"
+            and type(module) is torch.nn.Linear
+            and not decoded
+        ):
             linears[module_name] = weight
         else:  # plain tensors (and quantized non-Linear ones) are placed as ordinary tensors
-            value = _value(weight, expected[key], dtype)
+            value = _value(weight, expected[key], torch.float32 if any(m in parts for m in fp32) else dtype)
             set_module_tensor_to_device(model, key, device, value=value, dtype=value.dtype)
     for name, weight in linears.items():
         meta = model.get_submodule(name)
