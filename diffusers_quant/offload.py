@@ -99,6 +99,19 @@ def _sizes_for_accelerate(sizes: dict[str, int]):
         yield
 
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+    import logging
+
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 # --- the balanced device map -------------------------------------------------------------------------------
 
 
@@ -110,10 +123,19 @@ class DeviceMap:
     bytes_on: dict[str, int]  # "cuda:0" / "cpu" -> bytes
     largest_block: tuple[str, int]  # the biggest unit that must be on the GPU at once
     budget: int | None  # bytes of GPU memory the plan allows, None = what is free
+    # with several GPUs: "cuda:N" / "cpu" -> the budget this component was planned against
+    budgets: dict[str, int] | None = None
+
+    @property
+    def whole(self) -> bool:
+        """Placed whole on one GPU (diffusers' pipeline-level balanced assignment)."""
+        return list(self.placement) == [""] and isinstance(self.placement[""], int)
 
     def lines(self) -> list[str]:
         out = [f"  {name or '(whole model)'} -> {_device_name(d)}" for name, d in self.placement.items()]
-        out += [f"  {dev}: {_size(n)}" for dev, n in self.bytes_on.items()]
+        for dev, n in self.bytes_on.items():
+            cap = (self.budgets or {}).get(dev)
+            out.append(f"  {dev}: {_size(n)}" + (f" (budget {_size(cap)})" if cap is not None else ""))
         name, size = self.largest_block
         out.append(f"  largest block: {name or '(whole model)'} {_size(size)} (streamed in when on the CPU)")
         return out
@@ -135,20 +157,44 @@ def _max_memory(plan: Plan, index: int) -> dict | None:
     return None
 
 
+def main_index(plan: Plan) -> int:
+    """The plan's GPU: where inputs go and blocks left on the CPU run. ``device=cuda:N`` names it; with
+    ``device=cuda`` it is the first GPU ``max_memory`` names, else GPU 0."""
+    index = torch.device(plan.device).index
+    if index is not None:
+        return index
+    indices = plan.gpu_indices()
+    return indices[0] if indices else 0
+
+
+def is_multi_gpu(plan: Plan) -> bool:
+    """Whether the plan spreads over several GPUs (``max_memory`` budgets two or more GPU indices)."""
+    return plan.offload == "balanced" and len(plan.gpu_indices()) > 1
+
+
 def plan_device_map(
-    model: torch.nn.Module, sizes: dict[str, int], plan: Plan, name: str = "component"
+    model: torch.nn.Module,
+    sizes: dict[str, int],
+    plan: Plan,
+    name: str = "component",
+    max_memory: dict | None = None,
 ) -> DeviceMap:
     """accelerate's balanced device map of ``model`` (real or on the meta device) for ``sizes``.
 
     Transformer blocks (``_no_split_modules``) are never split, and a quantized layer is one module, so a
     layer never leaves its scales. A budget smaller than the largest block is refused: that block must be
-    whole on the GPU while it runs."""
+    whole on the GPU while it runs. With several GPUs (``max_memory`` naming GPU indices; ``max_memory``
+    here overrides the plan's, e.g. with what a pipeline's other components left), the blocks are spread
+    over them by accelerate's ``get_balanced_memory`` and ``infer_auto_device_map``, every GPU's budget
+    checked against the largest block."""
+    if is_multi_gpu(plan):
+        return _multi_gpu_map(model, sizes, plan, name, max_memory or _max_memory(plan, main_index(plan)))
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
     no_split = _no_split(model)
-    index = torch.device(plan.device).index or 0
-    max_memory = _max_memory(plan, index)
+    index = main_index(plan)
+    max_memory = max_memory or _max_memory(plan, index)
     with _sizes_for_accelerate(sizes):
         largest_name, largest = largest_block(model, sizes)
         budget = (max_memory or {}).get(index)
@@ -165,10 +211,114 @@ def plan_device_map(
             free = get_balanced_memory(model, no_split_module_classes=no_split)
             max_memory = {k: v for k, v in free.items() if k in (index, "cpu")}
         placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    return DeviceMap(dict(placement), _bytes_on(placement, sizes), (largest_name, largest), budget)
+
+
+def _bytes_on(placement: dict, sizes: dict[str, int]) -> dict[str, int]:
     bytes_on: dict[str, int] = defaultdict(int)
     for part, device in placement.items():
         bytes_on[_device_name(device) if device != "disk" else "cpu"] += sizes.get(part, 0)
-    return DeviceMap(dict(placement), dict(bytes_on), (largest_name, largest), budget)
+    return dict(bytes_on)
+
+
+def _multi_gpu_map(model, sizes: dict[str, int], plan: Plan, name: str, max_memory: dict) -> DeviceMap:
+    """Blocks spread over several GPUs: accelerate's ``get_balanced_memory`` evens the budgets out and
+    ``infer_auto_device_map`` places the blocks; where evening out would leave on the CPU blocks the
+    budgets can hold, the map fills the GPUs in order up to their budgets instead."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = _no_split(model)
+    largest_name, largest = largest_block(model, sizes)
+    block = largest_name or "(whole model)"
+    small = [k for k, v in max_memory.items() if isinstance(k, int) and v < largest]
+    if small:
+        raise PlanRefused(
+            [
+                f"{name}: offload=balanced with {_size(max_memory[k])} on GPU {k} is less than its largest "
+                f"block ({block}, {_size(largest)}), which must be whole on one GPU while it runs; fix: give "
+                f"max_memory {k}:{largest * 1.25 / GiB:.3g} (GiB) or more, or leave GPU {k} out of max_memory"
+                for k in small
+            ]
+        )
+    # accelerate warns of each budgeted GPU this machine lacks; planning on the CPU (check) is meant to work
+    with _sizes_for_accelerate(sizes), _quiet("accelerate.utils.modeling"):
+        placement = infer_auto_device_map(
+            model, max_memory=dict(max_memory), no_split_module_classes=no_split
+        )
+        if sum(isinstance(k, int) for k in max_memory) > 1:
+            even = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=no_split)
+            spread = infer_auto_device_map(model, max_memory=even, no_split_module_classes=no_split)
+            if _bytes_on(spread, sizes).get("cpu", 0) <= _bytes_on(placement, sizes).get("cpu", 0):
+                placement = spread
+    budgets = {_device_name(k): v for k, v in max_memory.items() if k != "disk"}
+    return DeviceMap(
+        dict(placement),
+        _bytes_on(placement, sizes),
+        (largest_name, largest),
+        max_memory.get(main_index(plan)),
+        budgets,
+    )
+
+
+def plan_pipeline(
+    models: dict[str, tuple[torch.nn.Module, dict[str, int]]], plan: Plan
+) -> dict[str, DeviceMap]:
+    """Where each component of a pipeline goes on several GPUs: diffusers' ``device_map="balanced"``
+    assignment (``_assign_components_to_devices``: components largest first, whole, over the GPUs in turn)
+    on the components' stored (quantization-aware) sizes; a component no GPU takes whole is split into
+    blocks over what the others left (``plan_device_map``), the rest on the CPU. ``models``: name ->
+    (model, sizes by module name), real or on the meta device."""
+    from diffusers.pipelines.pipeline_loading_utils import _assign_components_to_devices
+
+    budgets = _max_memory(plan, main_index(plan))
+    totals = dict(
+        sorted(((n, s[""]) for n, (_, s) in models.items()), key=lambda item: item[1], reverse=True)
+    )
+    gpus = dict(
+        sorted(((k, v) for k, v in budgets.items() if isinstance(k, int)), key=lambda kv: kv[1], reverse=True)
+    )
+    assigned = _assign_components_to_devices(totals, gpus)
+    left = dict(budgets)
+    maps: dict[str, DeviceMap] = {}
+    for device, names in assigned.items():
+        if device == "cpu":  # diffusers keeps only the last of these; every unassigned one is split below
+            continue
+        for n in names:
+            model, sizes = models[n]
+            left[device] -= totals[n]
+            maps[n] = DeviceMap(
+                {"": device},
+                {_device_name(device): totals[n]},
+                largest_block(model, sizes),
+                gpus[device],
+                {_device_name(device): gpus[device]},
+            )
+    problems = []
+    for n in totals:
+        if n in maps:
+            continue
+        model, sizes = models[n]
+        block, largest = largest_block(model, sizes)
+        room = {k: v for k, v in left.items() if not isinstance(k, int) or v >= largest}
+        if not any(isinstance(k, int) for k in room):
+            taken = ", ".join(f"{m} on cuda:{d.placement['']}" for m, d in maps.items() if d.whole)
+            problems.append(
+                f"{n}: offload=balanced over GPUs {', '.join(str(k) for k in gpus)} leaves no GPU room for its "
+                f"largest block ({block or '(whole model)'}, {_size(largest)}) after the components placed whole "
+                f"({taken or 'none'}); fix: raise a GPU's budget in max_memory by {largest * 1.25 / GiB:.3g} GiB, "
+                "or keep a component out of the plan's GPUs"
+            )
+            continue
+        device_map = plan_device_map(model, sizes, plan, n, max_memory=room)
+        for device, nbytes in device_map.bytes_on.items():
+            key = int(device.split(":")[1]) if device.startswith("cuda:") else device
+            if key in left:
+                left[key] -= nbytes
+        maps[n] = device_map
+    if problems:
+        raise PlanRefused(problems)
+    return {n: maps[n] for n in models if n in maps}
 
 
 def _no_split(model: torch.nn.Module) -> list[str]:
@@ -184,13 +334,18 @@ def largest_block(model: torch.nn.Module, sizes: dict[str, int]) -> tuple[str, i
     return (names[0] if names else ""), size
 
 
-def balance_model(model: torch.nn.Module, plan: Plan, name: str = "component") -> DeviceMap:
-    """Split ``model`` between the GPU and the CPU by a quantization-aware balanced device map.
+def balance_model(
+    model: torch.nn.Module, plan: Plan, name: str = "component", device_map: DeviceMap | None = None
+) -> DeviceMap:
+    """Split ``model`` between the GPUs and the CPU by a quantization-aware balanced device map
+    (``device_map``: one planned already, e.g. by ``plan_pipeline``).
 
-    What the map puts on the GPU stays there; each block it leaves on the CPU becomes one of diffusers'
-    offload groups (``ModuleGroup`` with its ``GroupOffloadingHook``). On CUDA the groups copy from pinned
-    memory on a side stream and are chained so the next CPU block is copied while the current one runs
-    (the first one while the GPU-resident blocks run); going back to the CPU is a pointer swap."""
+    What the map puts on a GPU stays there; each block it leaves on the CPU becomes one of diffusers'
+    offload groups (``ModuleGroup`` with its ``GroupOffloadingHook``) run on the plan's GPU. On CUDA the
+    groups copy from pinned memory on a side stream and are chained so the next CPU block is copied while
+    the current one runs (the first one while the GPU-resident blocks run); going back to the CPU is a
+    pointer swap. With several GPUs, accelerate's hooks (``dispatch_model``) move each block's inputs to its
+    GPU and the output back to the caller's device."""
     from diffusers.hooks.group_offloading import (
         GroupOffloadingConfig,
         ModuleGroup,
@@ -198,20 +353,29 @@ def balance_model(model: torch.nn.Module, plan: Plan, name: str = "component") -
     )
 
     offload_ready(model)
-    device_map = plan_device_map(model, module_sizes(model), plan, name)
+    if device_map is None:
+        device_map = plan_device_map(model, module_sizes(model), plan, name)
     main = torch.device(plan.device)
     if main.type == "cuda" and main.index is None:
-        main = torch.device("cuda", torch.cuda.current_device())
+        main = torch.device("cuda", main_index(plan) if plan.gpu_indices() else torch.cuda.current_device())
+
+    def on(device) -> torch.device:  # a map's GPU index on this machine (the CPU stands in on a CPU run)
+        return torch.device(main.type, device) if main.type != "cpu" else main
+
     cpu = torch.device("cpu")
-    on_cpu = []
+    on_cpu, on_gpus, tensors = [], {}, []
     for part, device in device_map.placement.items():
         module = _module_or_tensor(model, part)
         if isinstance(module, torch.Tensor):  # a module's own parameter or buffer: small, kept resident
             module.data = module.data.to(main)
+            tensors.append(part)
         elif device in ("cpu", "disk"):
             on_cpu.extend(_callable_parts(part, module))
         else:
-            module.to(torch.device(main.type, device) if main.type != "cpu" else main)
+            module.to(on(device))
+            on_gpus[part] = device
+    if is_multi_gpu(plan):
+        _add_device_hooks(model, on_gpus, main, cpu_blocks=bool(on_cpu), tensors=tensors)
     stream = torch.cuda.Stream(device=main) if main.type == "cuda" else None
     config = GroupOffloadingConfig(
         onload_device=main,
@@ -248,6 +412,58 @@ def balance_model(model: torch.nn.Module, plan: Plan, name: str = "component") -
         _prefetch_in_execution_order(model, groups)
     model.hf_device_map = {p: _device_name(d) for p, d in device_map.placement.items()}
     return device_map
+
+
+def _add_device_hooks(
+    model: torch.nn.Module, on_gpus: dict, main: torch.device, *, cpu_blocks: bool, tensors: list[str]
+) -> None:
+    """accelerate's cross-device hooks for a model whose parts already sit on their GPUs: each part's inputs
+    go to its GPU, the model's output back to the caller's device. ``dispatch_model`` where every part is on
+    a GPU; with blocks on the CPU, the hooks ``dispatch_model`` attaches (accelerate's own
+    ``attach_align_device_hook_on_blocks``) on the GPU parts only, since ``dispatch_model`` would rebuild the
+    CPU blocks from a weights map on the meta device, which cannot rebuild packed layers; those blocks are
+    diffusers' offload groups, which move their own inputs. ``tensors``: a split module's own parameters
+    and buffers the map names, kept on the plan's GPU."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+
+    devices = {part: (d if main.type == "cuda" else "cpu") for part, d in on_gpus.items()}
+    main_device = main.index if main.type == "cuda" else "cpu"
+    if not cpu_blocks:
+        # (quiet: on a CPU run, where "cpu" stands in for each GPU, accelerate takes those parts for offloaded)
+        with _quiet("accelerate.big_modeling"):
+            every = {**devices, **dict.fromkeys(tensors, main_device)}
+            dispatch_model(model, device_map=every, main_device=main_device, force_hooks=True)
+    else:
+        attach_align_device_hook_on_blocks(
+            model,
+            execution_device={**devices, "": main_device},
+            offload={part: False for part in devices},
+            skip_keys=None,
+        )
+    if main.type == "cuda":
+        set_current_device(model, main.index)
+        for part, index in on_gpus.items():
+            set_current_device(model.get_submodule(part), index)
+
+
+def set_current_device(module: torch.nn.Module, index: int) -> None:
+    """While ``module`` runs, GPU ``index`` is the current CUDA device (an accelerate hook, composed after the
+    ones there): kernels that launch on the current device, as Triton's do (NNCF's fused dequantization),
+    then run where the module's tensors are, not on the GPU the caller had current."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class CurrentDevice(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            self.previous = torch.cuda.current_device()
+            torch.cuda.set_device(index)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            torch.cuda.set_device(self.previous)
+            return output
+
+    add_hook_to_module(module, CurrentDevice(), append=True)
 
 
 def _module_or_tensor(model: torch.nn.Module, part: str):
@@ -345,8 +561,9 @@ def group_offload(model: torch.nn.Module, plan: Plan) -> None:
 # --- placing -----------------------------------------------------------------------------------------------
 
 
-def place_pipeline(pipe, plan: Plan) -> None:
-    """Apply the plan's offload mode (or move to the device) once every component is loaded."""
+def place_pipeline(pipe, plan: Plan) -> dict[str, DeviceMap] | None:
+    """Apply the plan's offload mode (or move to the device) once every component is loaded. Returns the
+    components' device maps of a balanced placement over several GPUs (None otherwise)."""
     modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     if plan.offload in ("model", "sequential"):  # balanced and group make their components ready themselves
         for module in modules.values():
@@ -358,6 +575,8 @@ def place_pipeline(pipe, plan: Plan) -> None:
     elif plan.offload == "group":
         for module in modules.values():
             group_offload(module, plan)
+    elif plan.offload == "balanced" and is_multi_gpu(plan):
+        return balance_pipeline(pipe, modules, plan)
     elif plan.offload == "balanced":
         for name, module in modules.items():
             if is_quantized(module):
@@ -366,6 +585,34 @@ def place_pipeline(pipe, plan: Plan) -> None:
                 module.to(plan.device)
     elif device_type(plan.device) != "cpu":
         pipe.to(plan.device)
+    return None
+
+
+def balance_pipeline(pipe, modules: dict[str, torch.nn.Module], plan: Plan) -> dict[str, DeviceMap]:
+    """Several GPUs: every component (quantized or not) where ``plan_pipeline`` puts it, by the bytes it
+    stores; a component placed whole gets accelerate's hooks (``dispatch_model``, as diffusers' and
+    transformers' ``device_map`` loads do), a split one ``balance_model``'s. The pipeline's ``hf_device_map``
+    then says it is device-mapped, so diffusers refuses ``pipe.to()`` and model offload on it."""
+    from accelerate import dispatch_model
+
+    for module in modules.values():
+        offload_ready(module)
+    maps = plan_pipeline({n: (m, module_sizes(m)) for n, m in modules.items()}, plan)
+    cuda = device_type(plan.device) == "cuda"
+    for name, device_map in maps.items():
+        module = modules[name]
+        if device_map.whole:
+            device = device_map.placement[""]
+            module.to(torch.device("cuda", device) if cuda else "cpu")
+            with _quiet("accelerate.big_modeling"):
+                dispatch_model(module, device_map={"": device if cuda else "cpu"}, force_hooks=True)
+            if cuda:
+                set_current_device(module, device)
+            module.hf_device_map = {"": _device_name(device)}
+        else:
+            balance_model(module, plan, name, device_map)
+    pipe.hf_device_map = {n: d.placement[""] if d.whole else "+".join(d.bytes_on) for n, d in maps.items()}
+    return maps
 
 
 def place_model(model: torch.nn.Module, plan: Plan, name: str) -> DeviceMap | None:
@@ -434,12 +681,18 @@ def planned_maps(plan: Plan, folder: str, components, dtype=None) -> dict[str, D
         dtype = getattr(torch, dtype.replace("torch.", ""), None)
     if not isinstance(dtype, torch.dtype):  # "auto", a per-component dict: the plan's, else float32
         dtype = getattr(torch, plan.dtype) if plan.dtype else None
+    multi = is_multi_gpu(plan)  # then every component is placed, quantized or not
+    models = {}
     for c in components:
         spec = plan.spec_for(c.name, c.kind, pipeline=True)
         cls = _import_class("", c.class_name)
         sub = os.path.join(folder, c.name)
-        if spec is None or cls is None or not os.path.isdir(sub):
+        if (spec is None and not multi) or cls is None or not os.path.isdir(sub):
             continue
         model = build_empty(cls, sub)
-        maps[c.name] = plan_device_map(model, planned_sizes(model, spec, c.kind, dtype), plan, c.name)
-    return maps
+        if not isinstance(model, torch.nn.Module):
+            continue
+        models[c.name] = (model, planned_sizes(model, spec, c.kind, dtype))
+    if multi:
+        return plan_pipeline(models, plan)
+    return {n: plan_device_map(model, sizes, plan, n) for n, (model, sizes) in models.items()}

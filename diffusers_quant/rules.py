@@ -171,6 +171,14 @@ def problems(
 
         if not torch.cuda.is_available():
             found.append("device=cuda was asked for but no CUDA device is available; fix: use device=cpu")
+        elif missing := [i for i in plan.gpu_indices() if i >= torch.cuda.device_count()]:
+            count = torch.cuda.device_count()
+            present = ", ".join(str(i) for i in range(count))
+            found.append(
+                f"max_memory={plan.max_memory} budgets GPU {', '.join(map(str, missing))}, but this machine has "
+                f"{count} CUDA device{'s' if count != 1 else ''} (GPU {present}); fix: budget only the GPUs "
+                "present (e.g. max_memory=gpu:40|cpu:64 for one), or run on a machine with more GPUs"
+            )
     if whole_pipeline:
         every = [*components, *passed]
         names = ", ".join(f"{c.name} ({c.kind})" for c in every)

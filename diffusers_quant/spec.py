@@ -163,28 +163,45 @@ def _bool_setting(key: str, value: object) -> bool:
     return flag
 
 
+MAX_MEMORY_FORMS = (
+    "expected 'gpu:GiB|cpu:GiB' (the plan's GPU) or 'N:GiB|N:GiB|cpu:GiB' (GPU N each) with positive "
+    "numbers, e.g. max_memory=gpu:8|cpu:64 or max_memory=0:40|1:40|cpu:64"
+)
+
+
 def _max_memory_text(value: object) -> str:
-    """Normalise ``gpu:8|cpu:64`` (GiB per device; a GPU index such as ``0`` means the plan's GPU)."""
-    parts = []
+    """Normalise accelerate's per-device budgets (GiB): ``gpu:8|cpu:64`` (``gpu`` or ``cuda`` = the plan's
+    GPU) or ``0:40|1:40|cpu:64`` (GPU indices, as accelerate's ``max_memory={0: ..., 1: ...}``; ``cuda:0:40``
+    is read as ``0:40``)."""
+    parts: dict[str, str] = {}
     for item in str(value).split("|"):
         key, sep, amount = item.strip().partition(":")
         key = key.strip().lower()
-        key = "gpu" if key.isdigit() or key in ("cuda", "gpu") else key
+        if key == "cuda" and amount.count(":") == 1:  # cuda:N:GiB
+            key, _, amount = amount.partition(":")
+            key = key.strip()
+        key = "gpu" if key == "cuda" else key
         try:
             gib = float(amount)
         except ValueError:
             gib = -1.0
-        if any(p.startswith(f"{key}:") for p in parts):
-            raise SpecError(f"max_memory={value!r} gives {key} twice; expected e.g. max_memory=gpu:8|cpu:64")
-        if not sep or key not in ("gpu", "cpu") or not (gib > 0 and math.isfinite(gib)):
-            raise SpecError(
-                f"max_memory={value!r}; expected 'gpu:GiB|cpu:GiB' with positive numbers, e.g. "
-                "max_memory=gpu:8|cpu:64"
-            )
-        parts.append(f"{key}:{gib:g}")
-    if not any(p.startswith("gpu:") for p in parts):
+        if not sep or not (key in ("gpu", "cpu") or key.isdigit()) or not (gib > 0 and math.isfinite(gib)):
+            raise SpecError(f"max_memory={value!r}; {MAX_MEMORY_FORMS}")
+        key = str(int(key)) if key.isdigit() else key
+        if key in parts:
+            what = f"GPU {key}" if key.isdigit() else key
+            raise SpecError(f"max_memory={value!r} gives {what} twice; expected e.g. max_memory=gpu:8|cpu:64")
+        parts[key] = f"{gib:g}"
+    indices = [k for k in parts if k.isdigit()]
+    if "gpu" in parts and indices:
+        raise SpecError(
+            f"max_memory={value!r} mixes gpu (the plan's GPU) with GPU indices; fix: name every GPU by its "
+            "index, e.g. max_memory=0:40|1:40|cpu:64"
+        )
+    if "gpu" not in parts and not indices:
         raise SpecError(f"max_memory={value!r} gives no GPU budget; expected e.g. max_memory=gpu:8|cpu:64")
-    return "|".join(parts)
+    order = sorted(indices, key=int) + [k for k in ("gpu", "cpu") if k in parts]
+    return "|".join(f"{k}:{parts[k]}" for k in order)
 
 
 def pattern_matches(pattern: str, name: str, kind: str, *, pipeline: bool = False) -> bool:
@@ -228,7 +245,8 @@ class Plan:
     dtype: str | None = None
     # GiB of GPU memory a balanced offload may fill per component (default: accelerate's balanced split).
     gpu_memory: float | None = None
-    # accelerate's max_memory for offload=balanced, as 'gpu:GiB|cpu:GiB' (a GPU index may stand for gpu).
+    # accelerate's max_memory for offload=balanced, GiB per device: 'gpu:GiB|cpu:GiB' (the plan's GPU) or
+    # 'N:GiB|N:GiB|cpu:GiB' (GPU N each; several GPUs spread a pipeline's components and blocks over them).
     max_memory: str | None = None
     # diffusers' group offloading: block_level groups of group_blocks blocks, or leaf_level; CUDA streams
     # overlap the transfers with compute.
@@ -292,6 +310,7 @@ class Plan:
             raise SpecError(f"group_blocks={self.group_blocks}; expected 1 or more blocks per group")
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", _max_memory_text(self.max_memory))
+            self._check_device_is_budgeted()
         if self.group_blocks != 1 and self.group_type == "leaf":
             raise SpecError("group_blocks is for group_type=block (leaf groups are single layers); drop one")
         if self.gpu_memory is not None and self.max_memory is not None:
@@ -309,12 +328,28 @@ class Plan:
                     f"{', '.join(given)}"
                 )
 
-    def max_memory_bytes(self) -> dict[str, int]:
-        """``max_memory`` as accelerate takes it ('gpu' standing for the plan's GPU), in bytes."""
-        out = {}
-        for item in (self.max_memory or "").split("|"):
+    def _check_device_is_budgeted(self) -> None:
+        """With GPUs named by index, the plan's GPU (where inputs go and CPU blocks run) is one of them."""
+        indices = self.gpu_indices()
+        index = re.fullmatch(r"cuda:(\d+)", str(self.device))
+        if indices and index and int(index.group(1)) not in indices:
+            listed = "|".join(f"{i}:..." for i in indices)
+            raise SpecError(
+                f"device={self.device} is not among the GPUs max_memory={self.max_memory} budgets ({listed}); "
+                f"fix: device=cuda:{indices[0]}, or add {index.group(1)}:GiB to max_memory"
+            )
+
+    def gpu_indices(self) -> list[int]:
+        """The GPUs ``max_memory`` names by index, in order (empty for ``gpu:...`` or no max_memory)."""
+        return [k for k in self.max_memory_bytes() if isinstance(k, int)]
+
+    def max_memory_bytes(self) -> dict[str | int, int]:
+        """``max_memory`` as accelerate takes it, in bytes: GPU indices as ints, 'gpu' standing for the plan's
+        GPU, 'cpu'."""
+        out: dict[str | int, int] = {}
+        for item in self.max_memory.split("|") if self.max_memory else ():
             key, _, value = item.partition(":")
-            out[key] = int(float(value) * 2**30)
+            out[int(key) if key.isdigit() else key] = int(float(value) * 2**30)
         return out
 
     @classmethod

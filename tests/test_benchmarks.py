@@ -139,3 +139,27 @@ def test_offload_benchmark_records_each_balanced_budget(tmp_path):
     assert half["err"] == half_on_cpu["err"] == 0.0
     table = (tmp_path / "offload.md").read_text()
     assert "| nncf:int8_sym | balanced half on CPU |" in table and (tmp_path / "offload.png").stat().st_size
+
+
+def test_multi_gpu_benchmark_dry_run_and_its_refusal_without_two_gpus(tmp_path):
+    """benchmarks/multi_gpu.py on the CPU (--dry-run, tiny model, one spec): every placement runs, the
+    budgeted one keeps to its budget per GPU, each output matches the one-GPU output, and the table is
+    written; without --dry-run on a machine with fewer than two GPUs it says so and exits 2."""
+    script = REPO / "benchmarks" / "multi_gpu.py"
+    cmd = [sys.executable, str(script), "--model", "tiny", "--specs", "nncf:int8", "--out", str(tmp_path)]
+    subprocess.run([*cmd, "--dry-run"], check=True, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "multi_gpu.json").read_text())
+    rows = {r["placement"]: r for r in result["rows"]}
+    assert result["dry_run"] and set(rows) == {"one GPU", "two GPUs, even", "two GPUs, 0.6 each"}
+    assert all("error" not in r and r["err"] == 0.0 and r["step_ms"] > 0 for r in rows.values())
+    tight = rows["two GPUs, 0.6 each"]
+    assert {"cuda:0", "cuda:1"} <= set(tight["planned"]) and tight["max_memory"].startswith("0:")
+    assert all(tight["planned"][d] <= tight["budget_per_gpu"] for d in ("cuda:0", "cuda:1"))
+    assert sum(tight["planned"].values()) == tight["stored"]
+    table = (tmp_path / "multi_gpu.md").read_text()
+    assert "| nncf:int8 | two GPUs, 0.6 each |" in table and "dry run" in table
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and "needs two CUDA devices" in proc.stderr

@@ -234,7 +234,7 @@ def test_every_offload_mode_leaves_the_output_unchanged(quantized, mode, setting
         ("transformer=bnb:nf4;offload=group;stream=maybe", r"stream='maybe'; expected true or false"),
         (
             "transformer=bnb:nf4;offload=balanced;max_memory=gpu:x",
-            r"max_memory='gpu:x'; expected 'gpu:GiB\|cpu:GiB'",
+            r"max_memory='gpu:x'; expected 'gpu:GiB\|cpu:GiB' \(the plan's GPU\) or 'N:GiB\|N:GiB\|cpu:GiB'",
         ),
         ("transformer=bnb:nf4;offload=balanced;max_memory=cpu:8", r"gives no GPU budget"),
         (
@@ -269,9 +269,16 @@ def test_offload_settings_round_trip():
     )
     assert plan.group_type == "leaf" and plan.stream is True and plan.record_stream is True
     assert Plan.parse(str(plan)) == plan and Plan.from_json(plan.to_json()) == plan
-    balanced = Plan.parse("transformer=nncf:int8;offload=balanced;max_memory=0:8|cpu:64")
-    assert balanced.max_memory == "gpu:8|cpu:64"
+    balanced = Plan.parse("transformer=nncf:int8;offload=balanced;max_memory=cuda:8|cpu:64")
+    assert balanced.max_memory == "gpu:8|cpu:64"  # gpu (or cuda) is the plan's GPU
     assert balanced.max_memory_bytes() == {"gpu": 8 * 2**30, "cpu": 64 * 2**30}
+    # an index names that GPU, as accelerate's max_memory={0: ...} does (tests/test_multi_gpu.py: several)
+    indexed = Plan.parse("transformer=nncf:int8;offload=balanced;max_memory=0:8|cpu:64")
+    assert indexed.max_memory == "0:8|cpu:64" and indexed.max_memory_bytes() == {
+        0: 8 * 2**30,
+        "cpu": 64 * 2**30,
+    }
+    assert Plan.parse(str(indexed)) == indexed and Plan.from_json(indexed.to_json()) == indexed
     options = offload.group_options(plan)
     assert (
         options["offload_type"] == "leaf_level"
