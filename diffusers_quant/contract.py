@@ -179,6 +179,12 @@ def quantized_layers(model: torch.nn.Module) -> dict[str, tuple[object, torch.nn
     return found
 
 
+def settle(model: torch.nn.Module) -> None:
+    """Each backend's last step on the layers of a loaded model (``Backend.settle_layer``)."""
+    for backend, module in quantized_layers(model).values():
+        backend.settle_layer(module)
+
+
 def skipped_linears(model: torch.nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
 
@@ -264,6 +270,7 @@ def attach(model: torch.nn.Module, pre_quantization_dtype: torch.dtype | None = 
     layers = quantized_layers(model)
     if not layers:
         return model
+    settle(model)
     library = library_of(model)
     dtype = pre_quantization_dtype or _float_dtype(model)
     config = build_config(model, layers, library, dtype)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .components import Component, count_linears, fp32_modules, kind_of_class
-from .contract import attach, quantized_layers
+from .contract import attach, quantized_layers, settle
 from .errors import QuantError
 from .pickles import check_folder_pickles
 from .plugin import announce
@@ -140,6 +140,8 @@ class Load:
         after measured on the model itself)."""
         if getattr(model, "hf_quantizer", None) is None:
             attach(model, self.dtype)
+        else:  # loaded by the library's own quantizer
+            settle(model)
         if hasattr(model, "register_to_config") and self.folder is not None:
             model.register_to_config(_name_or_path=str(self.folder))
         compute = "none"

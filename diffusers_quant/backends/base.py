@@ -149,6 +149,10 @@ class Backend:
             raise ValueError(f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
         return layer.to(device)
 
+    def settle_layer(self, module: torch.nn.Module) -> None:
+        """Last step of every load that returns a layer of this backend, whoever built it (this package or
+        the library's own loader): make it run and read back as the library saved it."""
+
     def offload_ready(self, module: torch.nn.Module) -> None:
         """Make the layer move as one unit under every offloader (``Module.to``, diffusers' ``.data``
         swaps, accelerate's hooks). Layers that keep all their state in parameters need nothing."""
