@@ -60,9 +60,9 @@ def test_quanto_weights_decode_as_quanto_does(qtype):
 def test_quanto_fused_linear_matches_quanto(qtype, fused_on_cpu, monkeypatch):
     layer = _quantized("quanto", qtype)
     x = torch.randn(2, 33, 256, dtype=torch.bfloat16)
-    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda"})
+    monkeypatch.setenv(fused.REFERENCE_ENV, "1")
     want = layer(x)  # quanto's own path
-    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.delenv(fused.REFERENCE_ENV)
     kernel = quanto_backend._fused_weights()[1 if qtype in ("qint4", "qint2") else 0]
     before = kernel.fused_calls
     got = layer(x)
