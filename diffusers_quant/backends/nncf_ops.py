@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..fused import fast_path_wanted, fused
+from ..fused import fast_path_wanted, fused, fused_backends, reference_forced
 
 __all__ = [
     "NNCF_QTYPES",
@@ -164,6 +164,56 @@ def decompress(
     return out.reshape(rows, cols).to(dtype)
 
 
+# Elements decompressed at a time on the CPU: each step's block stays in the core's cache.
+_CPU_BLOCK = 1 << 16
+
+
+def decompress_cpu(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    rows: int,
+    cols: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`decompress`, bit for bit, in float32 steps over blocks of rows: the CPU's float16 casts are
+    scalar (a uint8 -> float16 or float16 -> bfloat16 cast took 4-6x a float32 one on a 512 x 128 weight
+    here). Exact because ``q - zero_point`` is a small integer and its product with a float16 scale has at
+    most 20 significant bits, which float32 holds: rounding that product to float16 once is what the
+    float16 multiply does; float16 -> float32 -> ``dtype`` rounds as float16 -> ``dtype`` does."""
+    groups = scale.shape[1]
+    out = torch.empty(rows, cols, dtype=dtype, device=weight.device)
+    step = rows if bits == 4 and cols % 2 else max(1, _CPU_BLOCK // cols)
+    scales = scale.view(torch.float16).float().unsqueeze(-1)
+    if zero_point is not None:
+        if bits == 8:
+            zeros = zero_point.reshape(rows, 1, 1).float()
+        else:
+            zeros = _unpack_nibbles(zero_point, rows * groups).reshape(rows, groups, 1).float()
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        shape = (stop - start, groups, cols // groups)
+        if bits == 8:
+            block = weight[start:stop].reshape(shape).float()
+        elif cols % 2:  # rows then do not start on a byte: one block, the generic unpack
+            block = _unpack_nibbles(weight, rows * cols).reshape(shape).float()
+        else:  # each nibble straight into the float32 block (element 2k in the low nibble)
+            packed = weight[start * cols // 2 : stop * cols // 2]
+            block = torch.empty(shape, dtype=torch.float32, device=weight.device)
+            pairs = block.view(-1, 2)
+            pairs[:, 0].copy_(torch.bitwise_and(packed, 15))
+            pairs[:, 1].copy_(torch.bitwise_right_shift(packed, 4))
+            if zero_point is None:
+                block.sub_(8.0)  # symmetric int4 is stored offset by 8
+        if zero_point is not None:
+            block.sub_(zeros[start:stop])
+        block.mul_(scales[start:stop])
+        half = block.to(torch.float16).reshape(stop - start, cols)
+        out[start:stop].copy_(half if dtype == torch.float16 else half.float())
+    return out
+
+
 @functools.cache
 def _fused_decompress():
     return fused(decompress, kernels.nncf)
@@ -295,8 +345,13 @@ class NNCFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        # on CUDA one fused kernel reads the packed weight (fused.py)
-        decode = _fused_decompress() if fast_path_wanted(x, "nncf") else decompress
+        # on CUDA one fused kernel reads the packed weight (fused.py); on the CPU float32 steps
+        if fast_path_wanted(x, "nncf"):
+            decode = _fused_decompress()
+        elif x.device.type == "cpu" and "nncf" in fused_backends() and not reference_forced():
+            decode = decompress_cpu
+        else:
+            decode = decompress
         weight = decode(*self._pieces(), dtype)
         out = F.linear(x.to(dtype), weight, bias)
         return out.to(x.dtype)

@@ -18,6 +18,8 @@ from diffusers_quant.backends.nncf_ops import (  # noqa: E402
     NNCFLinear,
     bytes_per_param,
     compress_linear,
+    decompress,
+    decompress_cpu,
     packed_nbytes,
     resolve_group_size,
 )
@@ -440,3 +442,40 @@ def test_layer_compressed_block_by_block_equals_one_block(monkeypatch, qtype, gr
         assert torch.equal(tensor, blocked.state_dict()[name]), name
     x = torch.randn(3, in_features, dtype=torch.bfloat16)
     assert torch.equal(whole(x), blocked(x))
+
+
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "group_size"), [(256, 96, 64), (66, 45, 2), (512, 300, 128)]
+)
+@pytest.mark.parametrize("qtype", NNCF_QTYPES)
+def test_cpu_decompression_is_the_reference_bit_for_bit(
+    qtype, in_features, out_features, group_size, monkeypatch
+):
+    """The CPU's float32-step decompression, over blocks of rows (several blocks at 512 x 300; an odd count of
+    nibbles at 66 x 45), equals NNCF's float16 math in every compute dtype, scales near float16's
+    subnormal range and its largest included."""
+    linear = _linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight[0] *= 1e-4  # tiny scales: float16 subnormal products
+        linear.weight[1] *= 4e3
+    layer = compress_linear(linear, qtype, group_size=-1 if qtype.startswith("int8") else group_size)
+    monkeypatch.setattr(nncf_ops, "_CPU_BLOCK", 4096)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(decompress_cpu(*layer._pieces(), dtype), decompress(*layer._pieces(), dtype))
+
+
+def test_layers_on_the_cpu_take_the_cpu_decompression_unless_switched_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(nncf_ops, "decompress_cpu", lambda *a: calls.append(1) or decompress(*a))
+    monkeypatch.delenv("DIFFUSERS_QUANT_REFERENCE", raising=False)
+    monkeypatch.delenv("DIFFUSERS_QUANT_FUSED", raising=False)
+    layer = compress_linear(_linear(256, 64), "int4")
+    x = torch.randn(3, 256)
+    layer(x)
+    assert calls == [1]
+    monkeypatch.setenv("DIFFUSERS_QUANT_REFERENCE", "1")
+    layer(x)
+    monkeypatch.delenv("DIFFUSERS_QUANT_REFERENCE")
+    monkeypatch.setenv("DIFFUSERS_QUANT_FUSED", "quanto")
+    layer(x)
+    assert calls == [1]
