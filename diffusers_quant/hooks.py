@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
+from . import single_file
 from .components import Component, count_linears, kind_of_class
 from .detect import FORMATS, detect_file
 from .errors import PlanRefused, QuantError
@@ -52,7 +53,7 @@ from .spec import Plan
 ENV_VAR = "DIFFUSERS_QUANT"
 QUANT_KWARG = "quant"
 
-_ORIGINALS: dict[tuple[type, str], object] = {}
+_ORIGINALS: dict[tuple[object, str], object] = {}
 _INSTALLED_PLAN: Plan | None = None
 _CONTEXT_PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar(
     "diffusers_quant_plan", default=None
@@ -88,11 +89,13 @@ def _place_alone(model, plan: Plan | None):
     return model
 
 
-def _refuse_on_load_for_single_files(plan: Plan | None) -> None:
+def _refuse_on_load_for_pipeline_files(plan: Plan | None) -> None:
     if plan is not None and plan.mode == "on-load":
         raise QuantError(
-            "mode=on-load is not supported for single-file checkpoints yet (their keys need "
-            "conversion first); fix: use mode=post-load or mode=auto"
+            "mode=on-load is not supported for a whole pipeline's single file (diffusers builds some of its "
+            "components through converters the hooks do not see); fix: use mode=post-load or mode=auto, or "
+            "load the transformer with its class on load (e.g. FluxTransformer2DModel.from_single_file(path, "
+            "config=..., quant='transformer=...;mode=on-load')) and pass it to the pipeline"
         )
 
 
@@ -160,10 +163,9 @@ def _model_from_single_file(original: Callable, cls: type, pretrained=None, *arg
             raise QuantError(f"{pretrained}: {FORMATS[detected.format]}: {detected.detail}")
         load = Load.create(cls, pretrained, kwargs, plan, active.report if active else None)
         return _place_alone(loader(load, pretrained, kwargs, detected, plan), plan)
-    _refuse_on_load_for_single_files(plan)
-    # Single files always go through the library's converter, then get quantized module by module.
-    post_load = plan and plan.with_settings(mode="post-load")
-    return _place_alone(load_model(original, cls, pretrained, args, kwargs, post_load), plan)
+    # Single files go through the library's converter; on load, each selected layer is quantized as the
+    # converter hands it over (single_file.py).
+    return _place_alone(load_model(original, cls, pretrained, args, kwargs, plan, single_file=True), plan)
 
 
 def _pipeline_components(cls: type, folder: str | None, kwargs: dict) -> list[Component]:
@@ -348,7 +350,7 @@ def _pipeline_from_single_file(original: Callable, cls: type, pretrained=None, *
     if plan is None and not prequantized:
         return original(cls, pretrained, *args, **kwargs)
     plan = plan or Plan(source="none")
-    _refuse_on_load_for_single_files(plan)
+    _refuse_on_load_for_pipeline_files(plan)
     if detected is not None and detected.format == "gguf":
         raise QuantError(
             f"{pretrained}: a GGUF file holds a transformer/UNet, not a whole pipeline; fix: load it with the "
@@ -410,6 +412,13 @@ _TARGETS: tuple[tuple[str, str, str, Callable], ...] = (
         _model_from_single_file,
     ),
     ("transformers.modeling_utils", "PreTrainedModel", "from_pretrained", _model_from_pretrained),
+    # a module function (no class): diffusers' from_single_file fills its model through it
+    (
+        "diffusers.loaders.single_file_model",
+        "",
+        "load_model_dict_into_meta",
+        single_file.load_model_dict_into_meta,
+    ),
 )
 
 
@@ -428,9 +437,20 @@ def _wrap(original_func: Callable, body: Callable) -> classmethod:
     return classmethod(hooked)
 
 
-def targets() -> Iterator[tuple[type, str]]:
+def _wrap_function(original: Callable, body: Callable) -> Callable:
+    @functools.wraps(original)
+    def hooked(*args, **kwargs):
+        return body(original, *args, **kwargs)
+
+    hooked.__diffusers_quant__ = True
+    return hooked
+
+
+def targets() -> Iterator[tuple[object, str]]:
+    """(owner, attribute) of each patched loader: a class, or a module for a module function."""
     for module, cls_name, attr, _ in _TARGETS:
-        yield getattr(importlib.import_module(module), cls_name), attr
+        owner = importlib.import_module(module)
+        yield (getattr(owner, cls_name) if cls_name else owner), attr
 
 
 def install(plan: Plan | str | dict | None = None) -> None:
@@ -443,7 +463,8 @@ def install(plan: Plan | str | dict | None = None) -> None:
     for (owner, attr), (_, _, _, body) in zip(targets(), _TARGETS, strict=True):
         original = owner.__dict__[attr]
         _ORIGINALS[(owner, attr)] = original
-        setattr(owner, attr, _wrap(original.__func__, body))
+        hooked = _wrap(original.__func__, body) if isinstance(owner, type) else _wrap_function(original, body)
+        setattr(owner, attr, hooked)
 
 
 def uninstall() -> None:

@@ -293,8 +293,17 @@ def load_gguf(load: Load, path, kwargs: dict, plan: Plan | None, config=None) ->
     )
 
 
-def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: dict, plan: Plan | None):
-    """Body of the model-level hooks (diffusers ModelMixin and transformers PreTrainedModel)."""
+def load_model(
+    original: Callable,
+    cls: type,
+    pretrained,
+    args: tuple,
+    kwargs: dict,
+    plan: Plan | None,
+    single_file: bool = False,
+):
+    """Body of the model-level hooks (diffusers ModelMixin and transformers PreTrainedModel, and diffusers'
+    ``from_single_file`` with ``single_file``)."""
     active = ACTIVE_PIPELINE.get()
     if plan is None and active is not None:
         plan = active.plan
@@ -325,7 +334,32 @@ def load_model(original: Callable, cls: type, pretrained, args: tuple, kwargs: d
     if spec.backend == "gguf" and spec.qtype.lower().endswith(".gguf"):
         # transformer=gguf:/path/file.gguf: the file replaces this component; its folder gives the config.
         return load_gguf(load, spec.qtype, kwargs, plan, config=folder)
+    if single_file:
+        return load_single_file(original, load, pretrained, args, kwargs, plan, spec)
     return load_quantized(original, load, pretrained, args, kwargs, plan, spec)
+
+
+def load_single_file(
+    original: Callable, load: Load, pretrained, args: tuple, kwargs: dict, plan: Plan, spec: Spec
+) -> torch.nn.Module:
+    """A single file through diffusers' converter: on load as the converter hands the layers over
+    (``single_file.py``) unless post-load is asked, or diffusers is told to load without the meta device."""
+    if plan.mode != "post-load" and kwargs.get("low_cpu_mem_usage") is False:
+        if plan.mode == "on-load":
+            raise QuantError(
+                f"{load.name}: mode=on-load needs diffusers to build the model on the meta device, and "
+                "low_cpu_mem_usage=False was given; fix: drop low_cpu_mem_usage=False, or use mode=post-load"
+            )
+        plan = plan.with_settings(mode="post-load")
+    if plan.mode == "post-load":
+        return quantize_loaded(original(load.cls, pretrained, *args, **kwargs), spec, load)
+    from .single_file import load_on_load
+
+    model, streamed = load_on_load(original, load.cls, load, spec, pretrained, args, kwargs)
+    if streamed:
+        return model
+    logger.info("%s: quantized after load: diffusers loaded it without its meta-device loader", load.name)
+    return quantize_loaded(model, spec, load)
 
 
 def check_plan_first(cls: type, pretrained, kwargs: dict, plan: Plan | None) -> None:

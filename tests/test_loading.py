@@ -7,6 +7,7 @@ from helpers import generate, rel_l2
 import diffusers_quant
 from diffusers_quant.backends import all_backends, get_backend
 from diffusers_quant.components import select_linears
+from diffusers_quant.errors import QuantError
 from diffusers_quant.spec import Spec
 
 SPECS = [Spec(b.name, q) for b in all_backends() if b.name in ("bnb", "quanto", "nncf") for q in b.qtypes]
@@ -182,6 +183,11 @@ def test_pipeline_from_single_file_quantizes_after_load(flux_path, tmp_path):
     assert pipe.quant_report["transformer"].mode == "post-load"
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "QLinear"
     assert generate(pipe).shape == (64, 64, 3)
+    # on load is the model class's (from_single_file of the transformer), named in the refusal
+    with pytest.raises(QuantError, match=r"whole pipeline's single file.*fix: .*FluxTransformer2DModel"):
+        FluxPipeline.from_single_file(
+            str(single), config=str(flux_path), quant="transformer=quanto:qint8;mode=on-load"
+        )
 
 
 @pytest.mark.parametrize(

@@ -196,7 +196,7 @@ def file_cells() -> tuple[dict[str, str], dict[str, str]]:
         if name in PIPELINE_QTYPE and name != "wan":  # wan22's pipeline test loads Wan 2.1's layout, twice
             parts.append(f"{PIPELINE_QTYPE[name].lower()} P")
         gguf[name] = f"{ORIGINALS[name].gguf_format}: " + ", ".join(parts)
-    single = {name: f"{spec} post-load" for name, spec, _ in CASES}
+    single = {name: f"{spec} on-load" for name, spec, _ in CASES}
     return gguf, single
 
 

@@ -7,8 +7,9 @@ loads it back to exactly the model it was written from (the inverse mapping is d
 the hooks and a plan, the same file loads quantized (the layers of the plan's backend, counted in the report,
 fewer bytes) and runs as plain diffusers' model from the same file does, within the quantization error.
 
-Single files load post-load: diffusers' converter runs on the full-precision tensors first, then the model
-is quantized module by module (``mode=on-load`` is refused for them by the hooks, tested below).  Chroma,
+Single files load on load by default: diffusers' converter runs on the whole checkpoint, and each selected
+Linear is quantized from its converted tensors as diffusers fills the meta model (``single_file.py``), to the
+same layers, bit for bit, as ``mode=post-load`` gives (tested below).  Chroma,
 HunyuanVideo and Lumina2 are not here: diffusers' converters for them hard-code the real models' widths
 (``originals.ORIGINALS[...].single_file``), which a tiny model cannot have; their GGUF files, mapped by this
 project's own split sizes, are tested in ``tests/backends/gguf/test_family_files.py``.
@@ -72,24 +73,28 @@ def test_original_layout_single_file_loads_quantized_with_a_plan(family, spec, b
     diffusers_quant.install()
     model = cls.from_single_file(str(path), quant=f"{component}={spec}", **kwargs)
     row = model.quant_report[component]
-    assert (row.spec, row.mode) == (spec, "post-load"), row
+    assert (row.spec, row.mode) == (spec, "on-load"), row
     backend = spec.split(":")[0]
     layers = [m for m in model.modules() if type(m).__name__ in LAYER_TYPES[backend]]
     assert layers and row.layers_quantized == len(layers), row
     assert row.bytes_after < row.bytes_before
-    err = rel_l2(forward(model, family), forward(plain, family))
+    out = forward(model, family)
+    err = rel_l2(out, forward(plain, family))
     assert 0 < err < bound
+    after = cls.from_single_file(str(path), quant=f"{component}={spec};mode=post-load", **kwargs)
+    assert after.quant_report[component].mode == "post-load"
+    assert after.quant_report[component].layers_quantized == row.layers_quantized
+    assert torch.equal(forward(after, family), out)  # the same layers, whichever way they were made
 
 
-def test_on_load_is_refused_for_single_files_naming_the_fix(files):
+def test_on_load_without_the_meta_device_is_refused_naming_the_fix(files):
     diffusers_quant.install()
-    with pytest.raises(
-        QuantError, match=r"mode=on-load is not supported for single-file .*fix: use mode=post-load"
-    ):
+    with pytest.raises(QuantError, match=r"mode=on-load needs .*low_cpu_mem_usage=False.*fix: drop"):
         model_class("ltx").from_single_file(
             str(files("ltx")),
             config=str(folder("ltx")),
             subfolder="transformer",
+            low_cpu_mem_usage=False,
             quant="transformer=quanto:qint8;mode=on-load",
         )
 
