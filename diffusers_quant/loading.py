@@ -342,16 +342,17 @@ def load_model(
 def load_single_file(
     original: Callable, load: Load, pretrained, args: tuple, kwargs: dict, plan: Plan, spec: Spec
 ) -> torch.nn.Module:
-    """A single file through diffusers' converter: on load as the converter hands the layers over
-    (``single_file.py``) unless post-load is asked, or diffusers is told to load without the meta device."""
-    if plan.mode != "post-load" and kwargs.get("low_cpu_mem_usage") is False:
-        if plan.mode == "on-load":
-            raise QuantError(
-                f"{load.name}: mode=on-load needs diffusers to build the model on the meta device, and "
-                "low_cpu_mem_usage=False was given; fix: drop low_cpu_mem_usage=False, or use mode=post-load"
-            )
-        plan = plan.with_settings(mode="post-load")
-    if plan.mode == "post-load":
+    """A single file through diffusers' converter, then quantized module by module; with ``mode=on-load``
+    each selected layer is quantized as the converter hands it over (``single_file.py``). ``auto`` stays
+    post-load: the checkpoint is memory-mapped either way, so on load saved no host memory here (a 250 MiB
+    file: 470 against 514 MiB peak growth for nncf:int8 cast to float16, 582-683 against 514 for
+    quanto:qint8), and post-load quantizes on the plan's device where on load quantizes on the host."""
+    if plan.mode == "on-load" and kwargs.get("low_cpu_mem_usage") is False:
+        raise QuantError(
+            f"{load.name}: mode=on-load needs diffusers to build the model on the meta device, and "
+            "low_cpu_mem_usage=False was given; fix: drop low_cpu_mem_usage=False, or use mode=post-load"
+        )
+    if plan.mode != "on-load":
         return quantize_loaded(original(load.cls, pretrained, *args, **kwargs), spec, load)
     from .single_file import load_on_load
 

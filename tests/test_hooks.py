@@ -70,12 +70,12 @@ def test_plain_model_loads_are_quantized(flux_path, sd_path, tmp_path):
     assert t5.quant_report["text_encoder_2"].spec == "quanto:qint8"
     unet = UNet2DConditionModel.from_pretrained(sd_path / "unet")
     assert unet.quant_report["unet"].mode == "on-load"
-    # a single file goes through diffusers' own single-file loader, its layers quantized as it fills the model
+    # a single file goes through diffusers' own single-file loader, then is quantized after load (auto)
     single = tmp_path / "unet.safetensors"
     shutil.copy(sd_path / "unet" / "diffusion_pytorch_model.safetensors", single)
     diffusers_quant.install("unet=quanto:qint8")
     loaded = UNet2DConditionModel.from_single_file(str(single), config=str(sd_path), subfolder="unet")
-    assert loaded.quant_report["unet"].mode == "on-load"
+    assert loaded.quant_report["unet"].mode == "post-load"
     assert loaded.quant_report["unet"].layers_quantized > 0
     assert type(loaded.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__name__ == "QLinear"
 

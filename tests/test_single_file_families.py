@@ -7,9 +7,9 @@ loads it back to exactly the model it was written from (the inverse mapping is d
 the hooks and a plan, the same file loads quantized (the layers of the plan's backend, counted in the report,
 fewer bytes) and runs as plain diffusers' model from the same file does, within the quantization error.
 
-Single files load on load by default: diffusers' converter runs on the whole checkpoint, and each selected
-Linear is quantized from its converted tensors as diffusers fills the meta model (``single_file.py``), to the
-same layers, bit for bit, as ``mode=post-load`` gives (tested below).  Chroma,
+With ``mode=on-load`` diffusers' converter runs on the whole checkpoint, and each selected Linear is
+quantized from its converted tensors as diffusers fills the meta model (``single_file.py``), to the same
+layers, bit for bit, as the default (``auto``: post-load for single files) gives (tested below).  Chroma,
 HunyuanVideo and Lumina2 are not here: diffusers' converters for them hard-code the real models' widths
 (``originals.ORIGINALS[...].single_file``), which a tiny model cannot have; their GGUF files, mapped by this
 project's own split sizes, are tested in ``tests/backends/gguf/test_family_files.py``.
@@ -71,7 +71,7 @@ def test_original_layout_single_file_loads_quantized_with_a_plan(family, spec, b
     assert all(torch.equal(got[k], want[k]) for k in want)
 
     diffusers_quant.install()
-    model = cls.from_single_file(str(path), quant=f"{component}={spec}", **kwargs)
+    model = cls.from_single_file(str(path), quant=f"{component}={spec};mode=on-load", **kwargs)
     row = model.quant_report[component]
     assert (row.spec, row.mode) == (spec, "on-load"), row
     backend = spec.split(":")[0]
@@ -81,7 +81,7 @@ def test_original_layout_single_file_loads_quantized_with_a_plan(family, spec, b
     out = forward(model, family)
     err = rel_l2(out, forward(plain, family))
     assert 0 < err < bound
-    after = cls.from_single_file(str(path), quant=f"{component}={spec};mode=post-load", **kwargs)
+    after = cls.from_single_file(str(path), quant=f"{component}={spec}", **kwargs)
     assert after.quant_report[component].mode == "post-load"
     assert after.quant_report[component].layers_quantized == row.layers_quantized
     assert torch.equal(forward(after, family), out)  # the same layers, whichever way they were made
