@@ -68,6 +68,27 @@ def _blocks(sd: dict, prefix: str) -> list[str]:
 
 # --- Flux.2 (BFL layout, convert_flux2_transformer_checkpoint_to_diffusers inverted) ---------------------
 
+# BFL's names for the attention norms and projections, shared by the Flux-layout families (Flux.2, Chroma)
+_FLUX_ATTENTION = [
+    (r"^transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
+    (r"^transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
+    (
+        r"^transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight",
+        r"double_blocks.\1.txt_attn.norm.query_norm.scale",
+    ),
+    (
+        r"^transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight",
+        r"double_blocks.\1.txt_attn.norm.key_norm.scale",
+    ),
+    (r"^transformer_blocks\.(\d+)\.attn\.to_out\.0\.", r"double_blocks.\1.img_attn.proj."),
+    (r"^transformer_blocks\.(\d+)\.attn\.to_add_out\.", r"double_blocks.\1.txt_attn.proj."),
+]
+_FLUX_SINGLE_NORMS = [
+    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
+    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+]
+
+
 _FLUX2 = [
     (r"^x_embedder\.", "img_in."),
     (r"^context_embedder\.", "txt_in."),
@@ -81,26 +102,14 @@ _FLUX2 = [
     ),
     (r"^proj_out\.", "final_layer.linear."),
     (r"^norm_out\.linear\.", "final_layer.adaLN_modulation.1."),
-    (r"^transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
-    (r"^transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
-    (
-        r"^transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight",
-        r"double_blocks.\1.txt_attn.norm.query_norm.scale",
-    ),
-    (
-        r"^transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight",
-        r"double_blocks.\1.txt_attn.norm.key_norm.scale",
-    ),
-    (r"^transformer_blocks\.(\d+)\.attn\.to_out\.0\.", r"double_blocks.\1.img_attn.proj."),
-    (r"^transformer_blocks\.(\d+)\.attn\.to_add_out\.", r"double_blocks.\1.txt_attn.proj."),
+    *_FLUX_ATTENTION,
     (r"^transformer_blocks\.(\d+)\.ff\.linear_in\.", r"double_blocks.\1.img_mlp.0."),
     (r"^transformer_blocks\.(\d+)\.ff\.linear_out\.", r"double_blocks.\1.img_mlp.2."),
     (r"^transformer_blocks\.(\d+)\.ff_context\.linear_in\.", r"double_blocks.\1.txt_mlp.0."),
     (r"^transformer_blocks\.(\d+)\.ff_context\.linear_out\.", r"double_blocks.\1.txt_mlp.2."),
     (r"^single_transformer_blocks\.(\d+)\.attn\.to_qkv_mlp_proj\.", r"single_blocks.\1.linear1."),
     (r"^single_transformer_blocks\.(\d+)\.attn\.to_out\.", r"single_blocks.\1.linear2."),
-    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
-    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+    *_FLUX_SINGLE_NORMS,
 ]
 
 
@@ -130,25 +139,13 @@ _CHROMA = [
     (r"^x_embedder\.", "img_in."),
     (r"^context_embedder\.", "txt_in."),
     (r"^proj_out\.", "final_layer.linear."),
-    (r"^transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
-    (r"^transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
-    (
-        r"^transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight",
-        r"double_blocks.\1.txt_attn.norm.query_norm.scale",
-    ),
-    (
-        r"^transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight",
-        r"double_blocks.\1.txt_attn.norm.key_norm.scale",
-    ),
-    (r"^transformer_blocks\.(\d+)\.attn\.to_out\.0\.", r"double_blocks.\1.img_attn.proj."),
-    (r"^transformer_blocks\.(\d+)\.attn\.to_add_out\.", r"double_blocks.\1.txt_attn.proj."),
+    *_FLUX_ATTENTION,
     (r"^transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.", r"double_blocks.\1.img_mlp.0."),
     (r"^transformer_blocks\.(\d+)\.ff\.net\.2\.", r"double_blocks.\1.img_mlp.2."),
     (r"^transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj\.", r"double_blocks.\1.txt_mlp.0."),
     (r"^transformer_blocks\.(\d+)\.ff_context\.net\.2\.", r"double_blocks.\1.txt_mlp.2."),
     (r"^single_transformer_blocks\.(\d+)\.proj_out\.", r"single_blocks.\1.linear2."),
-    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
-    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+    *_FLUX_SINGLE_NORMS,
 ]
 
 
