@@ -140,6 +140,20 @@ def test_no_graph_break_inside_a_quantized_linear(backend, qtype, fused_on_cpu):
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
+@pytest.mark.parametrize(
+    ("backend", "qtype"), [("quanto", "qint8"), ("quanto", "qfloat8"), ("nncf", "int8"), ("nncf", "int4")]
+)
+def test_no_graph_break_where_the_cpu_has_its_own_eager_path(backend, qtype, monkeypatch):
+    """The CPU's eager paths (quanto's float8 decoding, NNCF's float32 blocks) stand aside when compiled:
+    the layer is traced whole, as on CUDA."""
+    monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(fused.FUSED_ENV, raising=False)
+    layer = _quantized(backend, qtype)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(torch.randn(2, 9, 256, dtype=torch.bfloat16))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["kernel", "compiled"])
 @pytest.mark.parametrize(

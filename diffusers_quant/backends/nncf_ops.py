@@ -215,6 +215,13 @@ def decompress_cpu(
     return out
 
 
+def _cpu_fast(x: torch.Tensor) -> bool:
+    """Eager on the CPU, the fast path on (in a compiled region the reference is traced, Inductor fuses it)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return "nncf" in fused_backends() and not reference_forced()
+
+
 @functools.cache
 def _fused_decompress():
     return fused(decompress, kernels.nncf)
@@ -349,7 +356,7 @@ class NNCFLinear(nn.Module):
         # on CUDA one fused kernel reads the packed weight (fused.py); on the CPU float32 steps
         if fast_path_wanted(x, "nncf"):
             decode = _fused_decompress()
-        elif x.device.type == "cpu" and "nncf" in fused_backends() and not reference_forced():
+        elif _cpu_fast(x):
             decode = decompress_cpu
         else:
             decode = decompress
