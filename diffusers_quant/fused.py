@@ -92,9 +92,23 @@ def _compiles_here(t: torch.Tensor) -> bool:
     return t.device.type in FUSED_DEVICES and not reference_forced() and _have_compiler(t.device.type)
 
 
+def fast_path(t: torch.Tensor, backend: str) -> str | None:
+    """The path a ``backend`` layer whose input is ``t`` takes: ``"fused"`` (the kernels or the compiled
+    function, on a fused device), ``"traced"`` (inside a compiled region: the plain ops go into the region's
+    graph), ``"cpu"`` (eager on the CPU: the backend's own fast CPU path, where it has one), or None for the
+    reference (the backend switched off or the reference forced, or another device)."""
+    if backend not in fused_backends() or reference_forced():
+        return None
+    if torch.compiler.is_compiling():
+        return "traced"
+    if t.device.type in FUSED_DEVICES and _have_compiler(t.device.type):
+        return "fused"
+    return "cpu" if t.device.type == "cpu" else None
+
+
 def fast_path_wanted(t: torch.Tensor, backend: str) -> bool:
     """Whether a ``backend`` layer whose input is ``t`` takes the fused path."""
-    return backend in fused_backends() and _compiles_here(t)
+    return fast_path(t, backend) == "fused"
 
 
 def fused(fn: F, kernel: Callable | None = None) -> F:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..fused import fast_path_wanted, fused, fused_backends, reference_forced
+from ..fused import fast_path, fused
 
 __all__ = [
     "NNCF_QTYPES",
@@ -215,13 +215,6 @@ def decompress_cpu(
     return out
 
 
-def _cpu_fast(x: torch.Tensor) -> bool:
-    """Eager on the CPU, the fast path on (in a compiled region the reference is traced, Inductor fuses it)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return "nncf" in fused_backends() and not reference_forced()
-
-
 @functools.cache
 def _fused_decompress():
     return fused(decompress, kernels.nncf)
@@ -353,13 +346,10 @@ class NNCFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        # on CUDA one fused kernel reads the packed weight (fused.py); on the CPU float32 steps
-        if fast_path_wanted(x, "nncf"):
-            decode = _fused_decompress()
-        elif _cpu_fast(x):
-            decode = decompress_cpu
-        else:
-            decode = decompress
+        # on CUDA one fused kernel reads the packed weight (fused.py); eager on the CPU float32 steps; in a
+        # compiled region the reference is traced (Inductor fuses it)
+        path = fast_path(x, "nncf")
+        decode = _fused_decompress() if path == "fused" else decompress_cpu if path == "cpu" else decompress
         weight = decode(*self._pieces(), dtype)
         out = F.linear(x.to(dtype), weight, bias)
         return out.to(x.dtype)

@@ -260,28 +260,23 @@ def fused_linear(input, weight, bias=None):
     ``in_features`` it overruns (:func:`_overruns_int8_kernel`) still takes the dequantization."""
     import torch
 
-    from ..fused import fast_path_wanted, fused_backends, reference_forced
+    from ..fused import fast_path
 
-    tracing = torch.compiler.is_compiling()
     if type(input) is not torch.Tensor or weight.axis != 0:
         return None
     if getattr(weight, "activation_qtype", None) is not None or input.dtype != weight._scale.dtype:
         return None
     if bias is not None and bias.dtype != input.dtype:
         return None  # quanto adds such a bias after the matmul, promoting the output: leave it that
-    if "quanto" not in fused_backends() or reference_forced():
-        if not _overruns_int8_kernel(input, weight):
-            return None
-        functions = (_bytes_weight, _bits_weight)
-    elif tracing:
-        functions = (_bytes_weight, _bits_weight)
-    elif fast_path_wanted(input, "quanto"):
-        functions = _fused_weights()
-    elif input.device.type == "cpu":
-        functions = (_cpu_bytes_weight, _bits_weight)
+    path = fast_path(input, "quanto")
+    if path == "fused":
+        bytes_weight, bits_weight = _fused_weights()
+    elif path == "cpu":
+        bytes_weight, bits_weight = _cpu_bytes_weight, _bits_weight
+    elif path == "traced" or _overruns_int8_kernel(input, weight):
+        bytes_weight, bits_weight = _bytes_weight, _bits_weight
     else:
         return None
-    bytes_weight, bits_weight = functions
     with torch._C.DisableTorchFunctionSubclass():
         data = weight._data
         if hasattr(weight, "_shift"):
