@@ -356,7 +356,7 @@ def load_single_file(
         return quantize_loaded(original(load.cls, pretrained, *args, **kwargs), spec, load)
     from .single_file import load_on_load
 
-    model, streamed = load_on_load(original, load.cls, load, spec, pretrained, args, kwargs)
+    model, streamed = load_on_load(original, load, spec, pretrained, args, kwargs)
     if streamed:
         return model
     logger.info("%s: quantized after load: diffusers loaded it without its meta-device loader", load.name)

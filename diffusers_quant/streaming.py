@@ -256,7 +256,7 @@ def stream_load(
                     tensor = f.get_tensor(saved_key).to(dtype=dtype or None)
                     pending.setdefault(layer, {})[pname] = tensor
                     if set(pending[layer]) == expected[layer]:
-                        _quantize_layer(model, layer, pending.pop(layer), spec, compute_dtype, device)
+                        quantize_layer(model, layer, pending.pop(layer), spec, compute_dtype, device)
                 elif _is_model_key(model, key):
                     tensor = f.get_tensor(saved_key)
                     value_dtype = None
@@ -294,7 +294,7 @@ def _is_model_key(model: torch.nn.Module, key: str) -> bool:
     return attr in module._parameters or attr in module._buffers
 
 
-def _quantize_layer(
+def quantize_layer(
     model: torch.nn.Module,
     name: str,
     tensors: dict[str, torch.Tensor],
