@@ -11,6 +11,7 @@ import torch
 
 quanto = pytest.importorskip("optimum.quanto")
 
+from helpers import rel_l2  # noqa: E402
 from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor, quantize_weight  # noqa: E402
 
 from diffusers_quant.backends import get_backend  # noqa: E402
@@ -30,8 +31,7 @@ ROUNDING = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-6}
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm()).item()
+    return rel_l2(a.detach().float(), b.detach().float())
 
 
 def _inner(tensor) -> dict[str, torch.Tensor]:
