@@ -17,8 +17,10 @@ hand-written kernel instead (``kernels.py``: one launch), and the compiled funct
 ``DIFFUSERS_QUANT_FUSED=all | none | <backend>,...`` chooses.
 
 Inside a model that is itself compiled (``compile_repeated_blocks``) the plain function is traced into the
-block's graph instead (every backend: there fusion costs nothing per call). Elsewhere (CPU, or ``DIFFUSERS_QUANT_REFERENCE=1``) the function runs as it is: the
-pure-torch reference the fused kernels are tested against.
+block's graph instead (every backend: there fusion costs nothing per call). Eager on the CPU a backend may
+take its own faster pure-torch decode, bit for bit its reference (quanto's float8 codes, NNCF's float32
+steps); elsewhere, or with ``DIFFUSERS_QUANT_REFERENCE=1``, the function runs as it is: the pure-torch
+reference the fused kernels are tested against. :func:`fast_path` names which of these a layer takes.
 """
 
 from __future__ import annotations
