@@ -252,8 +252,9 @@ def fused_linear(input, weight, bias=None):
     fused kernels, quanto's activation quantization, mixed dtypes).
 
     Where the fused kernels run (CUDA) the dequantization is one kernel (``fused.py``); inside a compiled
-    region it is traced into the region's graph (Inductor fuses it there; quanto's own ops traced there ran
-    1.2-1.5x compiled bf16 on the H200); on the CPU it is the same pure-torch dequantization and one matmul,
+    region it is traced into the region's graph (Inductor fuses it there; quanto's own ops, opaque to
+    Inductor, ran 1.2-1.5x compiled bf16 on the H200: compile traces with fake tensors, which therefore take
+    this path too); on the CPU it is the same pure-torch dequantization and one matmul,
     without quanto's per-call dispatch and, for int8, its int8 weight-only kernel: a matrix-vector kernel
     that took 5.3x the bf16 matmul at 288 tokens here (373 against 70 us, a 128 x 512 layer; 11x at
     3072 x 3072). With the reference forced an int8 weight quanto would send to that kernel with an
@@ -262,7 +263,7 @@ def fused_linear(input, weight, bias=None):
 
     from ..fused import fast_path
 
-    if type(input) is not torch.Tensor or weight.axis != 0:
+    if (type(input) is not torch.Tensor and not _traced(input)) or weight.axis != 0:
         return None
     if getattr(weight, "activation_qtype", None) is not None or input.dtype != weight._scale.dtype:
         return None
@@ -287,6 +288,15 @@ def fused_linear(input, weight, bias=None):
         else:
             dense = bytes_weight(data, weight._scale)
         return torch.nn.functional.linear(input, dense, bias)
+
+
+def _traced(input) -> bool:
+    """Whether ``input`` is a tensor ``torch.compile`` traces with (its fake and functional stand-ins for a
+    plain tensor: quanto's own activation tensors are neither)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(input, (FakeTensor, FunctionalTensor))
 
 
 def _overruns_int8_kernel(input, weight) -> bool:
