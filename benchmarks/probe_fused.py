@@ -7,7 +7,9 @@ it covers the format, and the host time per call of each (no synchronisation: wh
 pays); dynamo's recompile counters after the compiled calls; the top CUDA kernels of the qint4 forward.
 Prints JSON; median of 20 timed calls after 3 warm-up calls each.
 
-    python benchmarks/probe_fused.py > benchmarks/results/<machine>/fused-probe.json
+    python benchmarks/probe_fused.py [FORMAT ...] > benchmarks/results/<machine>/fused-probe.json
+
+FORMAT (e.g. ``gguf:q4_k``) limits the probe to those formats; default all of ``FORMATS``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ FORMATS = (
     "nncf:int4",
     "gguf:q8_0",
     "gguf:q4_0",
+    "gguf:q4_1",
+    "gguf:q5_0",
+    "gguf:q5_1",
+    "gguf:q4_k",
+    "gguf:q5_k",
+    "gguf:q6_k",
 )
+# ggml types no writer here quantizes (gguf-py 0.19 writes no K-quant): random blocks with modest fp16 scales
+# (the timings and the kernel-vs-reference error are what the probe reports; a K-quant file's bytes decode the same way)
+RANDOM_BLOCKS = {"Q4_K": (144, (0,)), "Q5_K": (176, (0,)), "Q6_K": (210, (208,))}
 
 
 def timed_ms(fn, n: int = 20) -> float:
@@ -85,9 +96,24 @@ def _reference(layer, x):
 
 def layer_for(fmt: str, linear: torch.nn.Linear):
     backend, qtype = fmt.split(":")
+    if backend == "gguf" and qtype.upper() in RANDOM_BLOCKS:
+        return _random_gguf(linear, qtype.upper())
     if backend == "gguf":
         return GGUFLinear.from_linear(linear, qtype.upper(), device=DEVICE)
     return get_backend(backend).quantize_linear(linear, Spec.parse(fmt), torch.bfloat16, device=DEVICE)
+
+
+def _random_gguf(linear: torch.nn.Linear, qtype: str) -> GGUFLinear:
+    size, scale_at = RANDOM_BLOCKS[qtype]
+    rows, cols = linear.weight.shape
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (rows * cols // 256, size), generator=gen, dtype=torch.uint8)
+    for at in scale_at:  # d (and dmin): finite fp16, so the weight is of a trained layer's magnitude
+        count = 1 if qtype == "Q6_K" else 2
+        blocks[:, at : at + 2 * count] = (
+            (torch.rand(blocks.shape[0], count, generator=gen) * 2e-3).half().view(torch.uint8)
+        )
+    return GGUFLinear.from_raw(blocks.reshape(rows, -1).to(DEVICE), qtype, (rows, cols), linear.bias.detach())
 
 
 def probe(in_features: int, out_features: int, tokens: int) -> dict:
@@ -97,7 +123,7 @@ def probe(in_features: int, out_features: int, tokens: int) -> dict:
     linear = torch.nn.Linear(in_features, out_features, dtype=torch.bfloat16, device=DEVICE)
     x = torch.randn(1, tokens, in_features, dtype=torch.bfloat16, device=DEVICE)
     result = {"shape": [in_features, out_features, tokens], "bf16": timed_ms(lambda: linear(x))}
-    for fmt in FORMATS:
+    for fmt in sys.argv[1:] or FORMATS:
         layer = layer_for(fmt, linear)
         os.environ[fused.REFERENCE_ENV] = "1"
         reference = timed_ms(lambda layer=layer: layer(x))

@@ -4,8 +4,10 @@ Weight-only layers dequantize their weight on every call and run a bf16 matmul. 
 quanto layer whose weight is float8 e4m3 (``quanto:qfloat8``, fp8 files) or int8 (``quanto:qint8``) with one
 scale per output row keeps that weight and quantizes its input per token on the fly (absmax / 448 for
 e4m3, / 127 for int8), then runs ``torch._scaled_mm`` (fp8 tensor cores) or ``torch._int_mm`` (int8),
-the two row scales applied to the result. On CUDA the activation quantization and the matmul are one
-compiled function (an unfused eager quantization costs more than the matmul saves).
+the two row scales applied to the result. Eager on CUDA the quantization is one hand-written Triton kernel
+(``kernels.quantize_rows``: one read of the activations, one write of the codes; the torch ops it replaces
+were five kernels, and a compiled function's per-call host cost made eager steps slower than bf16); inside a
+compiled model the same ops are traced into its graph.
 
 The layer stays quanto's ``QLinear`` (its class is a subclass of it with only ``forward`` changed), so
 save, LoRA and dequantize work as before; ``disable_compute`` puts the class back. The pure-torch
@@ -19,6 +21,7 @@ import functools
 
 import torch
 
+from . import kernels
 from .errors import QuantError
 from .fused import reference_forced  # one switch forces every reference path
 from .spec import COMPUTES
@@ -92,11 +95,46 @@ def _kernel_fits(x: torch.Tensor, weight: torch.Tensor, kind: str) -> bool:
     return x.is_cuda or x.device.type == "cpu"
 
 
+def w8a8_launch(x, weight, w_scale, bias, kind: str) -> torch.Tensor | None:
+    """:func:`w8a8_kernel` eager without a compiled call's host cost: the per-token quantization is one
+    hand-written kernel (``kernels.quantize_rows``), then the tensor-core matmul, then for int8 one epilogue
+    kernel; None where the kernels do not cover the input."""
+    shape = x.shape
+    parts = kernels.quantize_rows(x.reshape(-1, shape[-1]).contiguous(), kind)
+    if parts is None:
+        return None
+    xq, x_scale = parts
+    w_scale = w_scale.float().view(-1)
+    if kind == "fp8":
+        fused = bias.to(x.dtype) if bias is not None and x.dtype in (torch.bfloat16, torch.float16) else None
+        out = torch._scaled_mm(
+            xq,
+            weight.t(),
+            scale_a=x_scale,
+            scale_b=w_scale.view(1, -1),
+            bias=fused,
+            out_dtype=x.dtype,
+            use_fast_accum=x.is_cuda,
+        )
+        if bias is not None and fused is None:
+            out = out + bias.to(out.dtype)
+    else:
+        out = kernels.scale_int_mm(torch._int_mm(xq, weight.t()), x_scale, w_scale, bias, x.dtype)
+        if out is None:
+            return None
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
 def w8a8_linear(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
     if not _kernel_fits(x, weight, kind):
         return w8a8_reference(x, weight, w_scale, bias, kind)
-    if x.is_cuda and not torch.compiler.is_compiling():
-        return _compiled_kernel()(x, weight, w_scale, bias, kind)
+    if not torch.compiler.is_compiling():
+        if kernels.available(x):
+            out = w8a8_launch(x, weight, w_scale, bias, kind)
+            if out is not None:
+                return out
+        if x.is_cuda:
+            return _compiled_kernel()(x, weight, w_scale, bias, kind)
     return w8a8_kernel(x, weight, w_scale, bias, kind)
 
 

@@ -4,7 +4,8 @@ Each kernel reads a layer's packed weight once and writes the dense weight once 
 time, against ~0.1-0.25 ms for a ``torch.compile``d function's guards and wrappers); cuBLAS then runs the
 matmul. Every kernel reproduces its reference's arithmetic (the same operations in the same precision, so
 the same roundings): quanto's 8-bit rows and 2/4-bit packed groups, NNCF's float16 ``(q - zero) * scale``,
-and ggml's Q8_0 / Q4_0 / Q4_1 blocks in the compute dtype. Where a kernel does not cover a layout it
+ggml's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks and Q4_K / Q5_K / Q6_K super-blocks in the compute dtype; and
+compute=fp8 / int8's per-token activation quantization and int8 epilogue (``compute.py``). Where a kernel does not cover a layout it
 returns None and the caller falls back to the compiled function (``fused.py``).
 
 Kernels are built on first use: for CUDA tensors compiled, for CPU tensors (tests only, ``KERNEL_DEVICES``)
@@ -50,6 +51,8 @@ def available(t: torch.Tensor) -> bool:
 @functools.cache
 def _build(interpret: bool) -> SimpleNamespace:
     """The kernels, compiled for the GPU or interpreted (``TRITON_INTERPRET`` is read as they are defined)."""
+    import triton.language  # noqa: F401  (imported as compiled code: only the kernels below are interpreted)
+
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
@@ -144,6 +147,7 @@ def _define() -> SimpleNamespace:
     @triton.jit
     def ggml_blocks(
         b_ptr,
+        h_ptr,
         out_ptr,
         n_blocks,
         TYPE: tl.constexpr,
@@ -151,33 +155,158 @@ def _define() -> SimpleNamespace:
         ROWS: tl.constexpr,
     ):
         # ggml blocks of 32 elements decoded in the output dtype as the forward's reference does: the fp16
-        # scales cast to it, then one rounding per operation. TYPE 0: Q8_0, 1: Q4_0, 2: Q4_1. One program per
-        # ROWS blocks.
+        # scales cast to it, then one rounding per operation. TYPE 0: Q8_0, 1: Q4_0, 2: Q4_1, 3: Q5_0, 4: Q5_1.
+        # One program per ROWS blocks. h_ptr: the same bytes as float16 (every block and scale offset is even).
         b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
         k = tl.arange(0, 32)[None, :]
         live = b < n_blocks
         base = b.to(tl.int64) * TYPE_SIZE
         dt = out_ptr.dtype.element_ty
-        lo = tl.load(b_ptr + base, mask=live, other=0).to(tl.uint16)
-        hi = tl.load(b_ptr + base + 1, mask=live, other=0).to(tl.uint16)
-        d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32).to(dt).to(tl.float32)
+        half = base // 2  # the block's first float16
+        d = tl.load(h_ptr + half, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
         if TYPE == 0:
             q = tl.load(b_ptr + base + 2 + k, mask=live, other=0).to(tl.int8, bitcast=True).to(tl.float32)
             w = (q * d).to(dt)
         else:
-            start = 2 if TYPE == 1 else 4
+            # the nibbles start after the scales (and a 5-bit type's 4 bytes of high bits); element k is the
+            # low nibble of byte k for k < 16, else the high nibble of byte k - 16
+            start = 2 if TYPE == 1 else 4 if TYPE == 2 else 6 if TYPE == 3 else 8
             byte = tl.load(b_ptr + base + start + (k & 15), mask=live, other=0).to(tl.int32)
-            q = ((byte >> ((k >> 4) * 4)) & 15).to(tl.float32)
+            q = (byte >> ((k >> 4) * 4)) & 15
+            if TYPE >= 3:  # bit k of the little-endian uint32 before the nibbles
+                high = tl.load(b_ptr + base + start - 4 + (k >> 3), mask=live, other=0).to(tl.int32)
+                q = q | (((high >> (k & 7)) & 1) << 4)
+            q = q.to(tl.float32)
             if TYPE == 1:
                 w = (d * (q - 8)).to(dt)
+            elif TYPE == 3:
+                w = (d * (q - 16)).to(dt)
             else:
-                mlo = tl.load(b_ptr + base + 2, mask=live, other=0).to(tl.uint16)
-                mhi = tl.load(b_ptr + base + 3, mask=live, other=0).to(tl.uint16)
-                m = (mlo | (mhi << 8)).to(tl.float16, bitcast=True).to(tl.float32).to(dt).to(tl.float32)
+                m = tl.load(h_ptr + half + 1, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
                 w = ((d * q).to(dt).to(tl.float32) + m).to(dt)
         tl.store(out_ptr + b.to(tl.int64) * 32 + k, w, mask=live)
 
-    return SimpleNamespace(grouped=grouped, quanto_bits=quanto_bits, ggml_blocks=ggml_blocks, tl=tl)
+    @triton.jit
+    def k_blocks(
+        b_ptr,
+        h_ptr,
+        out_ptr,
+        n_blocks,
+        TYPE: tl.constexpr,
+        TYPE_SIZE: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
+        # ggml's 256-element super-blocks decoded as the forward's reference does (backends/gguf/dequant.py:
+        # the fp16 scales cast to the output dtype, one rounding per operation). TYPE 0: Q4_K, 1: Q5_K,
+        # 2: Q6_K. One program per ROWS super-blocks; element e of a block in sub-block e // 32 (Q4_K, Q5_K)
+        # or scale group e // 16 (Q6_K).
+        b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+        e = tl.arange(0, 256)[None, :]
+        live = b < n_blocks
+        base = b.to(tl.int64) * TYPE_SIZE
+        half = base // 2  # the block's first float16
+        dt = out_ptr.dtype.element_ty
+        if TYPE == 2:
+            low = tl.load(b_ptr + base + (e >> 7) * 64 + (e & 63), mask=live, other=0).to(tl.int32)
+            low = (low >> (((e >> 6) & 1) * 4)) & 15
+            high = tl.load(b_ptr + base + 128 + (e >> 7) * 32 + (e & 31), mask=live, other=0).to(tl.int32)
+            high = (high >> (((e >> 5) & 3) * 2)) & 3
+            q = ((low | (high << 4)) - 32).to(tl.float32)
+            sc = tl.load(b_ptr + base + 192 + (e >> 4), mask=live, other=0).to(tl.int8, bitcast=True)
+            d = tl.load(h_ptr + half + 104, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
+            d = (d * sc.to(tl.float32)).to(dt).to(tl.float32)
+            w = (d * q).to(dt)
+        else:
+            j = e >> 5  # the sub-block: its 6-bit scale and min packed in the 12 bytes at offset 4
+            first = j < 4
+            s_lo = tl.load(b_ptr + base + 4 + (j & 3), mask=live, other=0).to(tl.int32)
+            m_lo = tl.load(b_ptr + base + 8 + (j & 3), mask=live, other=0).to(tl.int32)
+            both = tl.load(b_ptr + base + 12 + (j & 3), mask=live, other=0).to(tl.int32)
+            sc = tl.where(first, s_lo & 63, (both & 15) | ((s_lo >> 2) & 48)).to(tl.float32)
+            mn = tl.where(first, m_lo & 63, (both >> 4) | ((m_lo >> 2) & 48)).to(tl.float32)
+            d = tl.load(h_ptr + half, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
+            dmin = tl.load(h_ptr + half + 1, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
+            dl = (d * sc).to(dt).to(tl.float32)
+            ml = (dmin * mn).to(dt).to(tl.float32)
+            start = 16 if TYPE == 0 else 48  # Q5_K: 32 bytes of high bits first
+            byte = tl.load(b_ptr + base + start + (j >> 1) * 32 + (e & 31), mask=live, other=0).to(tl.int32)
+            q = (byte >> ((j & 1) * 4)) & 15
+            if TYPE == 1:  # bit j of byte e % 32 of the high bits
+                high = tl.load(b_ptr + base + 16 + (e & 31), mask=live, other=0).to(tl.int32)
+                q = q | (((high >> j) & 1) << 4)
+            w = ((dl * q.to(tl.float32)).to(dt).to(tl.float32) - ml).to(dt)
+        tl.store(out_ptr + b.to(tl.int64) * 256 + e, w, mask=live)
+
+    @triton.jit
+    def quantize_rows(
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        cols,
+        TOP: tl.constexpr,
+        INT8: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # compute.quantize_rows in one pass over a row (one program a row, the row in registers): the float32
+        # absmax / TOP, the row divided by it, clamped, then rounded half to even (int8) or cast
+        # round-to-nearest (float8 e4m3).
+        r = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        live = c < cols
+        x = tl.load(x_ptr + r * cols + c, mask=live, other=0).to(tl.float32)
+        # tl.max's own combine through tl.reduce: Triton's interpreter cannot call tl.max (defined before the
+        # interpreter was switched on) but knows this combine
+        scale = tl.maximum(tl.reduce(tl.abs(x), 0, tl.standard._elementwise_max), 1e-12) / TOP
+        y = x / scale
+        y = tl.minimum(tl.maximum(y, -TOP), TOP)  # clamped before rounding: TOP is whole, so the same
+        if INT8:
+            # rounded half to even as torch.round: adding and taking away 1.5 * 2**23 leaves no fraction bits
+            y = (y + 12582912.0) - 12582912.0
+        else:
+            # rounded half to even onto the e4m3 grid here, so the cast below is exact (the GPU's cast rounds
+            # the same way; Triton's interpreter rounds carries wrongly): normal values keep 3 mantissa bits
+            # of the float32 pattern, subnormal ones (under 2**-6) multiples of 2**-9
+            bits = y.to(tl.int32, bitcast=True)
+            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+            tiny = (y + 24576.0) - 24576.0
+            tiny = tl.where(tiny == 0, y * 0, tiny)  # a negative value rounded to zero stays -0, as the cast
+            y = tl.where(tl.abs(y) < 0.015625, tiny, normal)
+        tl.store(q_ptr + r * cols + c, y.to(q_ptr.dtype.element_ty), mask=live)
+        tl.store(s_ptr + r, scale)
+
+    @triton.jit
+    def scale_rows_cols(
+        acc_ptr,
+        xs_ptr,
+        ws_ptr,
+        b_ptr,
+        out_ptr,
+        cols,
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # the int8 matmul's epilogue as compute.w8a8_kernel writes it: (acc * x_scale * w_scale) rounded to the
+        # output dtype, then the bias added in it.
+        r = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = c < cols
+        acc = tl.load(acc_ptr + r * cols + c, mask=live, other=0).to(tl.float32)
+        w = tl.load(ws_ptr + c, mask=live, other=0)
+        out = (acc * tl.load(xs_ptr + r) * w).to(out_ptr.dtype.element_ty)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + c, mask=live, other=0).to(out_ptr.dtype.element_ty)
+            out = (out.to(tl.float32) + bias.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r * cols + c, out, mask=live)
+
+    return SimpleNamespace(
+        grouped=grouped,
+        quanto_bits=quanto_bits,
+        ggml_blocks=ggml_blocks,
+        k_blocks=k_blocks,
+        quantize_rows=quantize_rows,
+        scale_rows_cols=scale_rows_cols,
+        tl=tl,
+    )
 
 
 def _kernels(t: torch.Tensor) -> SimpleNamespace:
@@ -262,19 +391,76 @@ def nncf(
     return out
 
 
-GGML_TYPES = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20)}
+GGML_TYPES = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}
+K_TYPES = {"Q4_K": (0, 144), "Q5_K": (1, 176), "Q6_K": (2, 210)}
+K_ROWS = 8  # super-blocks (256 elements each) per program
 
 
 def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """ggml blocks (``uint8`` ``[n_blocks, type_size]``) of Q8_0 / Q4_0 / Q4_1 decoded in a 16-bit ``dtype``
-    as the GGUF forward's reference does (other types and float32 output: None)."""
-    if qtype not in GGML_TYPES or dtype not in (torch.bfloat16, torch.float16) or not blocks.is_contiguous():
+    """ggml blocks (``uint8`` ``[n_blocks, type_size]``) of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K /
+    Q6_K decoded in a 16-bit ``dtype`` as the GGUF forward's reference does (other types and float32
+    output: None)."""
+    if qtype in GGML_TYPES:
+        (kind, type_size), width, rows = GGML_TYPES[qtype], 32, ROWS
+    elif qtype in K_TYPES:
+        (kind, type_size), width, rows = K_TYPES[qtype], 256, K_ROWS
+    else:
         return None
-    kind, type_size = GGML_TYPES[qtype]
+    if dtype not in (torch.bfloat16, torch.float16) or not blocks.is_contiguous():
+        return None
     if blocks.dtype != torch.uint8 or blocks.shape[-1] != type_size:
         return None
     k = _kernels(blocks)
-    out = torch.empty((blocks.shape[0], 32), dtype=dtype, device=blocks.device)
     n = blocks.shape[0]
-    k.ggml_blocks[(_cdiv(n, ROWS),)](blocks, out, n, TYPE=kind, TYPE_SIZE=type_size, ROWS=ROWS)
+    out = torch.empty((n, width), dtype=dtype, device=blocks.device)
+    kernel = k.ggml_blocks if width == 32 else k.k_blocks
+    halves = blocks.view(torch.float16)  # the fp16 scales read in place: type sizes and offsets are even
+    kernel[(_cdiv(n, rows),)](blocks, halves, out, n, TYPE=kind, TYPE_SIZE=type_size, ROWS=rows)
+    return out
+
+
+# The widest row quantize_rows keeps in one program's registers (a diffusion transformer's widest input is
+# 4 x 3072; wider rows fall back to the caller's torch ops).
+MAX_ROW = 1 << 15
+
+
+def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``compute.quantize_rows`` in one launch: ``x`` (M, K) contiguous, per-row (codes, float32 scales
+    ``(M, 1)``); None where not covered."""
+    if x.dim() != 2 or not x.is_contiguous() or x.dtype not in _OUT_DTYPES or x.shape[1] > MAX_ROW:
+        return None
+    k = _kernels(x)
+    rows, cols = x.shape
+    fp8 = kind == "fp8"
+    codes = torch.empty(x.shape, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows:
+        block = 1 << max(cols - 1, 1).bit_length()  # the whole row
+        k.quantize_rows[(rows,)](
+            x, codes, scales, cols, TOP=448.0 if fp8 else 127.0, INT8=not fp8, BLOCK=block,
+            num_warps=8 if block >= 4096 else 4,
+        )  # fmt: skip
+    return codes, scales
+
+
+def scale_int_mm(
+    acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, dtype
+) -> torch.Tensor | None:
+    """``(acc * x_scale * w_scale).to(dtype) + bias`` for an int32 matmul result ``acc`` (M, N), float32
+    ``x_scale`` (M, 1) and ``w_scale`` (N,), in one launch; None where not covered."""
+    if acc.dim() != 2 or not acc.is_contiguous() or dtype not in _OUT_DTYPES:
+        return None
+    if not (x_scale.is_contiguous() and w_scale.is_contiguous()) or x_scale.dtype != torch.float32:
+        return None
+    if w_scale.dtype != torch.float32 or (bias is not None and not bias.is_contiguous()):
+        return None
+    k = _kernels(acc)
+    rows, cols = acc.shape
+    out = torch.empty((rows, cols), dtype=dtype, device=acc.device)
+    if rows:
+        block = _block(cols)
+        k.scale_rows_cols[(rows, _cdiv(cols, block))](
+            acc, x_scale, w_scale, w_scale if bias is None else bias, out, cols,
+            HAS_BIAS=bias is not None, BLOCK=block,
+        )  # fmt: skip
     return out

@@ -86,10 +86,31 @@ def test_ggml_kernel_decodes_as_the_forward_does(qtype, dtype, device, kernels_h
     _same(kernels.ggml(qtype, blocks, dtype), DEQUANTIZERS[qtype](blocks, dtype))
 
 
+def _random_k_blocks(qtype: str, n: int = 13) -> torch.Tensor:
+    """``n`` super-blocks of random bytes with finite, modest fp16 scales (every byte pattern is a valid
+    block otherwise)."""
+    size = kernels.K_TYPES[qtype][1]
+    gen = torch.Generator().manual_seed(size)
+    blocks = torch.randint(0, 256, (n, size), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, 2, generator=gen) * 0.01).half().view(torch.uint8)
+    at = 208 if qtype == "Q6_K" else 0
+    blocks[:, at : at + (2 if qtype == "Q6_K" else 4)] = scales[:, : 2 if qtype == "Q6_K" else 4]
+    return blocks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("qtype", list(kernels.K_TYPES))
+def test_k_quant_kernel_decodes_as_the_forward_does(qtype, dtype, device, kernels_here):
+    blocks = _random_k_blocks(qtype).to(device)
+    _same(kernels.ggml(qtype, blocks, dtype), DEQUANTIZERS[qtype](blocks, dtype))
+
+
 def test_ggml_kernel_declines_what_it_does_not_cover(kernels_here):
     blocks = to_ggml(torch.randn(8, 256), "Q8_0").reshape(-1, 34)
     assert kernels.ggml("Q8_0", blocks, torch.float32) is None  # the reference decodes float32 exactly
-    assert kernels.ggml("Q4_K", torch.zeros(8, 144, dtype=torch.uint8), torch.bfloat16) is None  # a K-quant
+    assert kernels.ggml("Q3_K", torch.zeros(8, 110, dtype=torch.uint8), torch.bfloat16) is None  # not covered
+    assert kernels.ggml("Q4_K", torch.zeros(8, 144, dtype=torch.uint8), torch.float32) is None
     assert kernels.ggml("Q8_0", blocks[:, :33], torch.bfloat16) is None  # not a Q8_0 block row
 
 
@@ -131,3 +152,37 @@ def _runner(backend, qtype):
 def test_kernels_stay_off_devices_not_listed():
     assert "cpu" not in kernels.KERNEL_DEVICES
     assert not kernels.available(torch.zeros(1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32])
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_activation_rows_quantize_as_compute_does(kind, dtype, device, kernels_here):
+    """compute=fp8 / int8's per-token quantization: one launch, the same codes and scales as the torch ops
+    (rows of 384 and 3000: a masked tail; an all-zero row takes the floor scale)."""
+    from diffusers_quant.compute import quantize_rows
+
+    for cols in (384, 3000):
+        x = (torch.randn(37, cols, generator=torch.Generator().manual_seed(cols)) * 3).to(dtype).to(device)
+        x[5] = 0
+        codes, scales = kernels.quantize_rows(x, kind)
+        want_codes, want_scales = quantize_rows(x, kind)
+        assert torch.equal(scales, want_scales)
+        assert codes.dtype == want_codes.dtype
+        assert torch.equal(codes.view(torch.int8), want_codes.view(torch.int8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_epilogue_scales_as_compute_does(bias, dtype, device, kernels_here):
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.randint(-(2**20), 2**20, (33, 1100), generator=gen, dtype=torch.int32).to(device)
+    x_scale = torch.rand(33, 1, generator=gen).to(device) / 100
+    w_scale = torch.rand(1100, generator=gen).to(device) / 100
+    b = torch.randn(1100, generator=gen).to(dtype).to(device) if bias else None
+    want = (acc.float() * x_scale * w_scale.view(1, -1)).to(dtype)
+    if b is not None:
+        want = want + b
+    _same(kernels.scale_int_mm(acc, x_scale, w_scale, b, dtype), want)
+    assert kernels.quantize_rows(torch.zeros(2, kernels.MAX_ROW + 16, device=device), "fp8") is None
