@@ -23,7 +23,7 @@ import torch
 
 from . import kernels
 from .errors import QuantError
-from .fused import reference_forced  # one switch forces every reference path
+from .fused import reference_forced, tracing  # one switch forces every reference path
 from .spec import COMPUTES
 
 FP8_MAX = 448.0
@@ -33,7 +33,9 @@ INT8_MAX = 127.0
 def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (M, K) quantized per row: (codes, float32 scales of shape (M, 1))."""
     top = FP8_MAX if kind == "fp8" else INT8_MAX
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / top
+    # times the float32 reciprocal, not divided: what CUDA's division by a scalar computes, written out so
+    # that the CPU, CUDA and the Triton kernel round the scale alike
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) * (1.0 / top)
     scaled = x.float() / scale
     if kind == "fp8":
         return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
@@ -128,7 +130,7 @@ def w8a8_launch(x, weight, w_scale, bias, kind: str) -> torch.Tensor | None:
 def w8a8_linear(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
     if not _kernel_fits(x, weight, kind):
         return w8a8_reference(x, weight, w_scale, bias, kind)
-    if not torch.compiler.is_compiling():
+    if not tracing(x):
         if kernels.available(x):
             out = w8a8_launch(x, weight, w_scale, bias, kind)
             if out is not None:

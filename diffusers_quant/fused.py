@@ -86,10 +86,22 @@ def fused_backends() -> frozenset[str]:
     return names
 
 
-def _compiles_here(t: torch.Tensor) -> bool:
-    """On a fused device, with a compiler, not forced off, and not inside a compiled region (there the plain
-    ops are traced into the region's graph and fused with it)."""
+def tracing(t: torch.Tensor) -> bool:
+    """Whether ``t`` flows through ``torch.compile``'s tracing: inside a compiled region, or one of the fake /
+    functional stand-ins it runs an op with (dynamo runs a call it does not inline, such as a tensor
+    subclass's ``__torch_function__``, on fake tensors, where torch 2.11 does not report compiling)."""
     if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor))
+
+
+def _compiles_here(t: torch.Tensor) -> bool:
+    """On a fused device, with a compiler, not forced off, and not being traced (then the plain ops go into
+    the region's graph and fuse with it)."""
+    if tracing(t):
         return False
     return t.device.type in FUSED_DEVICES and not reference_forced() and _have_compiler(t.device.type)
 
@@ -101,7 +113,7 @@ def fast_path(t: torch.Tensor, backend: str) -> str | None:
     reference (the backend switched off or the reference forced, or another device)."""
     if backend not in fused_backends() or reference_forced():
         return None
-    if torch.compiler.is_compiling():
+    if tracing(t):
         return "traced"
     if t.device.type in FUSED_DEVICES and _have_compiler(t.device.type):
         return "fused"

@@ -248,7 +248,7 @@ def _define() -> SimpleNamespace:
         BLOCK: tl.constexpr,
     ):
         # compute.quantize_rows in one pass over a row (one program a row, the row in registers): the float32
-        # absmax / TOP, the row divided by it, clamped, then rounded half to even (int8) or cast
+        # absmax times 1 / TOP, the row divided by it, clamped, then rounded half to even (int8) or cast
         # round-to-nearest (float8 e4m3).
         r = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
@@ -256,8 +256,8 @@ def _define() -> SimpleNamespace:
         x = tl.load(x_ptr + r * cols + c, mask=live, other=0).to(tl.float32)
         # tl.max's own combine through tl.reduce: Triton's interpreter cannot call tl.max (defined before the
         # interpreter was switched on) but knows this combine
-        scale = tl.maximum(tl.reduce(tl.abs(x), 0, tl.standard._elementwise_max), 1e-12) / TOP
-        y = x / scale
+        scale = tl.maximum(tl.reduce(tl.abs(x), 0, tl.standard._elementwise_max), 1e-12) * (1.0 / TOP)
+        y = tl.math.div_rn(x, scale)  # IEEE division as torch's (Triton's `/` is the approximate one)
         y = tl.minimum(tl.maximum(y, -TOP), TOP)  # clamped before rounding: TOP is whole, so the same
         if INT8:
             # rounded half to even as torch.round: adding and taking away 1.5 * 2**23 leaves no fraction bits

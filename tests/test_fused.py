@@ -154,6 +154,25 @@ def test_no_graph_break_where_the_cpu_has_its_own_eager_path(backend, qtype, mon
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
+@pytest.mark.parametrize(("backend", "qtype"), [("quanto", "qint8"), ("quanto", "qint4"), ("nncf", "int8")])
+def test_fake_tensors_take_the_traced_path(backend, qtype, fused_on_cpu, monkeypatch):
+    """dynamo runs a call it does not inline (a quanto weight's ``__torch_function__``) on fake tensors, where
+    torch 2.11 does not report compiling: such a call must take the plain ops, never launch a kernel (on the
+    H200 every compiled quanto model failed there: "Dynamo failed to run FX node with fake tensors")."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffusers_quant import kernels
+
+    monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    layer = _quantized(backend, qtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(3, 256, dtype=torch.bfloat16)
+        assert fused.fast_path(x, backend) == "traced"
+        out = layer(x)
+    assert out.shape == (3, 96) and fused.tracing(out)
+
+
 def _aot_graph_ops(layer, x) -> tuple[torch.Tensor, set[str]]:
     """``layer(x)`` compiled, and the op namespaces of the graph AOTAutograd hands the compiler."""
     from torch._dynamo.backends.common import aot_autograd

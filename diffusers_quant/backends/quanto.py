@@ -261,9 +261,9 @@ def fused_linear(input, weight, bias=None):
     ``in_features`` it overruns (:func:`_overruns_int8_kernel`) still takes the dequantization."""
     import torch
 
-    from ..fused import fast_path
+    from ..fused import fast_path, tracing
 
-    if (type(input) is not torch.Tensor and not _traced(input)) or weight.axis != 0:
+    if (type(input) is not torch.Tensor and not tracing(input)) or weight.axis != 0:
         return None
     if getattr(weight, "activation_qtype", None) is not None or input.dtype != weight._scale.dtype:
         return None
@@ -288,15 +288,6 @@ def fused_linear(input, weight, bias=None):
         else:
             dense = bytes_weight(data, weight._scale)
         return torch.nn.functional.linear(input, dense, bias)
-
-
-def _traced(input) -> bool:
-    """Whether ``input`` is a tensor ``torch.compile`` traces with (its fake and functional stand-ins for a
-    plain tensor: quanto's own activation tensors are neither)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return isinstance(input, (FakeTensor, FunctionalTensor))
 
 
 def _overruns_int8_kernel(input, weight) -> bool:
