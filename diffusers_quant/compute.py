@@ -52,6 +52,26 @@ def w8a8_reference(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
+def _fp8_mm(xq, x_scale, weight, w_scale, bias, dtype) -> torch.Tensor:
+    """The fp8 tensor-core matmul of per-token codes ``xq`` (scales ``(M, 1)``) and per-row weight codes
+    (scales ``(1, N)``), in ``dtype``."""
+    # the bias is added in the matmul's epilogue (cuBLASLt takes one in the output dtype)
+    fused = bias.to(dtype) if bias is not None and dtype in (torch.bfloat16, torch.float16) else None
+    # fast accumulation (Hopper's fp8 accumulators, as torchao's inference path uses): CUDA only
+    out = torch._scaled_mm(
+        xq,
+        weight.t(),
+        scale_a=x_scale,
+        scale_b=w_scale,
+        bias=fused,
+        out_dtype=dtype,
+        use_fast_accum=xq.is_cuda,
+    )
+    if bias is not None and fused is None:
+        out = out + bias.to(out.dtype)
+    return out
+
+
 def w8a8_kernel(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
     """Per-token quantization and the tensor-core matmul: ``torch._scaled_mm`` / ``torch._int_mm``."""
     shape = x.shape
@@ -59,20 +79,7 @@ def w8a8_kernel(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
     xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]).contiguous(), kind)
     w_scale = w_scale.float().view(1, -1)
     if kind == "fp8":
-        # the bias is added in the matmul's epilogue (cuBLASLt takes one in the output dtype)
-        fused = bias.to(x.dtype) if bias is not None and x.dtype in (torch.bfloat16, torch.float16) else None
-        # fast accumulation (Hopper's fp8 accumulators, as torchao's inference path uses): CUDA only
-        out = torch._scaled_mm(
-            xq,
-            weight.t(),
-            scale_a=x_scale,
-            scale_b=w_scale,
-            bias=fused,
-            out_dtype=x.dtype,
-            use_fast_accum=x.is_cuda,
-        )
-        if bias is not None and fused is None:
-            out = out + bias.to(out.dtype)
+        out = _fp8_mm(xq, x_scale, weight, w_scale, bias, x.dtype)
     else:
         out = (torch._int_mm(xq, weight.t()).float() * x_scale * w_scale).to(x.dtype)
         if bias is not None:
@@ -108,18 +115,7 @@ def w8a8_launch(x, weight, w_scale, bias, kind: str) -> torch.Tensor | None:
     xq, x_scale = parts
     w_scale = w_scale.float().view(-1)
     if kind == "fp8":
-        fused = bias.to(x.dtype) if bias is not None and x.dtype in (torch.bfloat16, torch.float16) else None
-        out = torch._scaled_mm(
-            xq,
-            weight.t(),
-            scale_a=x_scale,
-            scale_b=w_scale.view(1, -1),
-            bias=fused,
-            out_dtype=x.dtype,
-            use_fast_accum=x.is_cuda,
-        )
-        if bias is not None and fused is None:
-            out = out + bias.to(out.dtype)
+        out = _fp8_mm(xq, x_scale, weight, w_scale.view(1, -1), bias, x.dtype)
     else:
         out = kernels.scale_int_mm(torch._int_mm(xq, weight.t()), x_scale, w_scale, bias, x.dtype)
         if out is None:
