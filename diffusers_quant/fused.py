@@ -31,6 +31,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor  # loaded by `import torch` already
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import kernels
 
@@ -47,6 +49,7 @@ FUSED_DEVICES = {"cuda"}
 RECOMPILE_LIMIT = 64
 
 F = TypeVar("F", bound=Callable)
+_TRACING_TENSORS = (FakeTensor, FunctionalTensor)
 
 
 def reference_forced() -> bool:
@@ -90,12 +93,7 @@ def tracing(t: torch.Tensor) -> bool:
     """Whether ``t`` flows through ``torch.compile``'s tracing: inside a compiled region, or one of the fake /
     functional stand-ins it runs an op with (dynamo runs a call it does not inline, such as a tensor
     subclass's ``__torch_function__``, on fake tensors, where torch 2.11 does not report compiling)."""
-    if torch.compiler.is_compiling():
-        return True
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return isinstance(t, (FakeTensor, FunctionalTensor))
+    return torch.compiler.is_compiling() or isinstance(t, _TRACING_TENSORS)
 
 
 def _compiles_here(t: torch.Tensor) -> bool:
