@@ -30,7 +30,7 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @functools.cache
-def _have_triton(device_type: str) -> bool:
+def have_triton(device_type: str) -> bool:
     try:
         if device_type == "cuda":
             from torch.utils._triton import has_triton
@@ -45,7 +45,7 @@ def _have_triton(device_type: str) -> bool:
 
 def available(t: torch.Tensor) -> bool:
     """Whether ``t``'s device takes the hand-written kernels here."""
-    return t.device.type in KERNEL_DEVICES and _have_triton(t.device.type)
+    return t.device.type in KERNEL_DEVICES and have_triton(t.device.type)
 
 
 @functools.cache
@@ -396,6 +396,11 @@ K_TYPES = {"Q4_K": (0, 144), "Q5_K": (1, 176), "Q6_K": (2, 210)}
 K_ROWS = 8  # super-blocks (256 elements each) per program
 
 
+def covers_ggml(qtype: str, dtype: torch.dtype) -> bool:
+    """Whether :func:`ggml` decodes ``qtype`` blocks to ``dtype`` (given contiguous uint8 blocks)."""
+    return (qtype in GGML_TYPES or qtype in K_TYPES) and dtype in (torch.bfloat16, torch.float16)
+
+
 def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """ggml blocks (``uint8`` ``[n_blocks, type_size]``) of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K /
     Q6_K decoded in a 16-bit ``dtype`` as the GGUF forward's reference does (other types and float32
@@ -406,7 +411,7 @@ def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
         (kind, type_size), width, rows = K_TYPES[qtype], 256, K_ROWS
     else:
         return None
-    if dtype not in (torch.bfloat16, torch.float16) or not blocks.is_contiguous():
+    if not covers_ggml(qtype, dtype) or not blocks.is_contiguous():
         return None
     if blocks.dtype != torch.uint8 or blocks.shape[-1] != type_size:
         return None

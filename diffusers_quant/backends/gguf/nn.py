@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import kernels
-from ...fused import fast_path_wanted, fused
+from ...fused import fast_path_wanted, fused, fused_backends, reference_forced
 from .dequant import (
     _COMPUTE_DTYPE_TYPES,
     DEQUANTIZERS,
@@ -62,6 +62,30 @@ def _fused_decoder(qtype: str):
         return _decode(qtype, blocks, dtype)
 
     return fused(decode, functools.partial(kernels.ggml, qtype))  # None for the types it does not cover
+
+
+@torch.library.custom_op("diffusers_quant::ggml_decode", mutates_args=())
+def ggml_decode(blocks: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """The hand-written kernel's decode (``kernels.ggml``) as one opaque op of a compiled graph: Inductor's
+    own kernel for the traced block decode ran 1.4-2.1x a bf16 matmul per layer on the H200, the
+    hand-written one 1.15-1.31x (``benchmarks/results/nvidia-h200/session7-probe-gguf.json``)."""
+    out = kernels.ggml(qtype, blocks, dtype)
+    return _decode(qtype, blocks, dtype) if out is None else out
+
+
+@ggml_decode.register_fake
+def _(blocks: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
+    return blocks.new_empty((blocks.shape[0], block_info(qtype)[0]), dtype=dtype)
+
+
+@torch.compiler.assume_constant_result
+def _kernel_in_graph(device_type: str, qtype: str, dtype: torch.dtype) -> bool:
+    """Whether a compiled graph decodes ``qtype`` with :func:`ggml_decode` (asked once per trace, so the
+    environment and Triton lookups stay out of the graph): a kernel device with Triton, a type and dtype
+    the kernel covers, GGUF fused (``DIFFUSERS_QUANT_FUSED``) and the reference not forced."""
+    if device_type not in kernels.KERNEL_DEVICES or not kernels.covers_ggml(qtype, dtype):
+        return False
+    return "gguf" in fused_backends() and not reference_forced() and kernels.have_triton(device_type)
 
 
 def _as_bytes(raw: torch.Tensor) -> torch.Tensor:
@@ -270,9 +294,12 @@ class GGUFLinear(nn.Module):
         dtype = self.compute_dtype or (x.dtype if x.is_floating_point() else torch.float32)
         if self._fusable and torch.compiler.is_compiling():
             # traced into the caller's graph; no type lookups here (dynamo breaks on the ggml enum's)
-            w = _decode(self._qtype, self.weight.reshape(-1, self._type_size), dtype).reshape(
-                self.weight_shape
-            )
+            blocks = self.weight.reshape(-1, self._type_size)
+            if _kernel_in_graph(x.device.type, self._qtype, dtype):
+                w = ggml_decode(blocks, self._qtype, dtype)
+            else:
+                w = _decode(self._qtype, blocks, dtype)
+            w = w.reshape(self.weight_shape)
         elif self._fusable and fast_path_wanted(x, "gguf"):
             # one kernel reads the packed bytes and writes the weight (fused.py)
             blocks = self.weight.reshape(-1, self._type_size)

@@ -35,6 +35,48 @@ def test_fused_forward_matches_the_reference_decode(qtype, make_blocks, monkeypa
     assert (got.float() - want.float()).abs().max().item() <= 8 * torch.finfo(torch.bfloat16).eps * scale
 
 
+def _graph_ops(layer, x) -> tuple[torch.Tensor, set[str]]:
+    """``layer(x)`` compiled whole, and the ops of the graph AOTAutograd hands the compiler."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops: set[str] = set()
+
+    def record(gm, _inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    return torch.compile(layer, backend=aot_autograd(fw_compiler=record), fullgraph=True)(x), ops
+
+
+@pytest.mark.parametrize("qtype", ("Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"))
+def test_compiled_layer_decodes_with_the_hand_written_kernel(qtype, make_blocks, monkeypatch):
+    """Inside a compiled graph a covered type is decoded by one opaque op that launches the hand-written
+    kernel (Triton's interpreter here): its output is the eager kernel path's, bit for bit; uncovered
+    (float32 compute) or with the reference forced, the graph holds the plain decode ops instead."""
+    from diffusers_quant import kernels
+
+    monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(fused.FUSED_ENV, raising=False)
+    layer = _layer(qtype, make_blocks)
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)  # the hand-written kernel, eager
+        got, ops = _graph_ops(layer, x)
+        assert "diffusers_quant.ggml_decode.default" in ops, ops
+        assert torch.equal(got, eager)
+        got32, ops32 = _graph_ops(layer, x.float())
+        assert not any(op.startswith("diffusers_quant") for op in ops32), ops32
+        monkeypatch.setenv(fused.REFERENCE_ENV, "1")
+        _, reference_ops = _graph_ops(layer, x)
+        assert not any(op.startswith("diffusers_quant") for op in reference_ops), reference_ops
+        want = layer(x)
+    scale = want.abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 8 * torch.finfo(torch.bfloat16).eps * scale
+
+
 def test_float_tensors_are_not_fused(monkeypatch):
     layer = GGUFLinear.from_linear(torch.nn.Linear(64, 8), "F16")
     monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
@@ -64,7 +106,7 @@ def test_fused_forward_on_cuda(qtype, path, make_blocks, monkeypatch):
     got = layer(x)
     scale = want.abs().max().item()
     assert (got.float() - want.float()).abs().max().item() <= 8 * torch.finfo(torch.bfloat16).eps * scale
-    took_kernel = path == "kernel" and layer.qtype in kernels.GGML_TYPES
+    took_kernel = path == "kernel" and kernels.covers_ggml(layer.qtype, torch.bfloat16)
     assert (runner.kernel_calls, runner.fused_calls) == (
         counts[0] + took_kernel,
         counts[1] + (not took_kernel),
