@@ -24,7 +24,7 @@ import torch
 # Devices whose tensors take the hand-written kernels (tests add "cpu": Triton's interpreter).
 KERNEL_DEVICES = {"cuda"}
 BLOCK = 1024  # columns per program of a row-wise kernel
-ROWS = 32  # packed rows / ggml blocks per program of a block-wise kernel
+ROWS = 32  # packed rows per program of quanto's packed-bits kernel
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -158,33 +158,44 @@ def _define() -> SimpleNamespace:
         # scales cast to it, then one rounding per operation. TYPE 0: Q8_0, 1: Q4_0, 2: Q4_1, 3: Q5_0, 4: Q5_1.
         # One program per ROWS blocks. h_ptr: the same bytes as float16 (every block and scale offset is even).
         b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-        k = tl.arange(0, 32)[None, :]
         live = b < n_blocks
         base = b.to(tl.int64) * TYPE_SIZE
         dt = out_ptr.dtype.element_ty
         half = base // 2  # the block's first float16
         d = tl.load(h_ptr + half, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
         if TYPE == 0:
+            k = tl.arange(0, 32)[None, :]
             q = tl.load(b_ptr + base + 2 + k, mask=live, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-            w = (q * d).to(dt)
+            tl.store(out_ptr + b.to(tl.int64) * 32 + k, (q * d).to(dt), mask=live)
         else:
-            # the nibbles start after the scales (and a 5-bit type's 4 bytes of high bits); element k is the
-            # low nibble of byte k for k < 16, else the high nibble of byte k - 16
+            # the nibbles start after the scales (and a 5-bit type's 4 bytes of high bits); byte k holds
+            # element k (low nibble) and element k + 16 (high nibble): each byte is read once
+            k = tl.arange(0, 16)[None, :]
             start = 2 if TYPE == 1 else 4 if TYPE == 2 else 6 if TYPE == 3 else 8
-            byte = tl.load(b_ptr + base + start + (k & 15), mask=live, other=0).to(tl.int32)
-            q = (byte >> ((k >> 4) * 4)) & 15
-            if TYPE >= 3:  # bit k of the little-endian uint32 before the nibbles
-                high = tl.load(b_ptr + base + start - 4 + (k >> 3), mask=live, other=0).to(tl.int32)
-                q = q | (((high >> (k & 7)) & 1) << 4)
-            q = q.to(tl.float32)
+            byte = tl.load(b_ptr + base + start + k, mask=live, other=0).to(tl.int32)
+            q_lo = byte & 15
+            q_hi = byte >> 4
+            if TYPE >= 3:  # bit e of the little-endian uint32 before the nibbles: bytes 0-1 then 2-3
+                bits = start - 4 + (k >> 3)
+                lo_bits = tl.load(b_ptr + base + bits, mask=live, other=0).to(tl.int32)
+                hi_bits = tl.load(b_ptr + base + bits + 2, mask=live, other=0).to(tl.int32)
+                q_lo = q_lo | (((lo_bits >> (k & 7)) & 1) << 4)
+                q_hi = q_hi | (((hi_bits >> (k & 7)) & 1) << 4)
+            q_lo = q_lo.to(tl.float32)
+            q_hi = q_hi.to(tl.float32)
             if TYPE == 1:
-                w = (d * (q - 8)).to(dt)
+                w_lo = (d * (q_lo - 8)).to(dt)
+                w_hi = (d * (q_hi - 8)).to(dt)
             elif TYPE == 3:
-                w = (d * (q - 16)).to(dt)
+                w_lo = (d * (q_lo - 16)).to(dt)
+                w_hi = (d * (q_hi - 16)).to(dt)
             else:
                 m = tl.load(h_ptr + half + 1, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
-                w = ((d * q).to(dt).to(tl.float32) + m).to(dt)
-        tl.store(out_ptr + b.to(tl.int64) * 32 + k, w, mask=live)
+                w_lo = ((d * q_lo).to(dt).to(tl.float32) + m).to(dt)
+                w_hi = ((d * q_hi).to(dt).to(tl.float32) + m).to(dt)
+            row = out_ptr + b.to(tl.int64) * 32 + k
+            tl.store(row, w_lo, mask=live)
+            tl.store(row + 16, w_hi, mask=live)
 
     @triton.jit
     def k_blocks(
@@ -198,44 +209,59 @@ def _define() -> SimpleNamespace:
     ):
         # ggml's 256-element super-blocks decoded as the forward's reference does (backends/gguf/dequant.py:
         # the fp16 scales cast to the output dtype, one rounding per operation). TYPE 0: Q4_K, 1: Q5_K,
-        # 2: Q6_K. One program per ROWS super-blocks; element e of a block in sub-block e // 32 (Q4_K, Q5_K)
-        # or scale group e // 16 (Q6_K).
-        b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-        e = tl.arange(0, 256)[None, :]
+        # 2: Q6_K. One program per ROWS super-blocks, as [ROWS, 4, 32] tiles: every packed byte is read once
+        # and yields the elements it holds, and each scale is read once per tile row of 32 (or 16) elements.
+        b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None, None]
+        i = tl.arange(0, 4)[None, :, None]
+        lane = tl.arange(0, 32)[None, None, :]
         live = b < n_blocks
         base = b.to(tl.int64) * TYPE_SIZE
         half = base // 2  # the block's first float16
         dt = out_ptr.dtype.element_ty
+        row = out_ptr + b.to(tl.int64) * 256
         if TYPE == 2:
-            low = tl.load(b_ptr + base + (e >> 7) * 64 + (e & 63), mask=live, other=0).to(tl.int32)
-            low = (low >> (((e >> 6) & 1) * 4)) & 15
-            high = tl.load(b_ptr + base + 128 + (e >> 7) * 32 + (e & 31), mask=live, other=0).to(tl.int32)
-            high = (high >> (((e >> 5) & 3) * 2)) & 3
-            q = ((low | (high << 4)) - 32).to(tl.float32)
-            sc = tl.load(b_ptr + base + 192 + (e >> 4), mask=live, other=0).to(tl.int8, bitcast=True)
+            # Q6_K: half n = i // 2 of the super-block (128 elements) from 64 bytes of low nibbles at
+            # n * 64, 32 bytes of 2-bit pairs at 128 + n * 32 and int8 scales (one per 16) at 192; byte
+            # n * 64 + 32 * (i % 2) + lane holds elements n * 128 + 32 * (i % 2) + lane (low nibble) and + 64
+            # (high nibble); the high-bit byte n * 32 + lane holds pairs for the 4 elements n * 128 + lane + 32 c
+            n = i >> 1
+            odd = i & 1
+            low = tl.load(b_ptr + base + n * 64 + odd * 32 + lane, mask=live, other=0).to(tl.int32)
+            high = tl.load(b_ptr + base + 128 + n * 32 + lane, mask=live, other=0).to(tl.int32)
             d = tl.load(h_ptr + half + 104, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
-            d = (d * sc.to(tl.float32)).to(dt).to(tl.float32)
-            w = (d * q).to(dt)
+            e_lo = n * 128 + odd * 32 + lane  # element of the low nibble; the high nibble's is e_lo + 64
+            q_lo = ((low & 15) | (((high >> (odd * 2)) & 3) << 4)) - 32
+            q_hi = ((low >> 4) | (((high >> (odd * 2 + 4)) & 3) << 4)) - 32
+            sc_lo = tl.load(b_ptr + base + 192 + (e_lo >> 4), mask=live, other=0).to(tl.int8, bitcast=True)
+            sc_hi = tl.load(b_ptr + base + 196 + (e_lo >> 4), mask=live, other=0).to(tl.int8, bitcast=True)
+            d_lo = (d * sc_lo.to(tl.float32)).to(dt).to(tl.float32)
+            d_hi = (d * sc_hi.to(tl.float32)).to(dt).to(tl.float32)
+            tl.store(row + e_lo, (d_lo * q_lo.to(tl.float32)).to(dt), mask=live)
+            tl.store(row + e_lo + 64, (d_hi * q_hi.to(tl.float32)).to(dt), mask=live)
         else:
-            j = e >> 5  # the sub-block: its 6-bit scale and min packed in the 12 bytes at offset 4
-            first = j < 4
-            s_lo = tl.load(b_ptr + base + 4 + (j & 3), mask=live, other=0).to(tl.int32)
-            m_lo = tl.load(b_ptr + base + 8 + (j & 3), mask=live, other=0).to(tl.int32)
-            both = tl.load(b_ptr + base + 12 + (j & 3), mask=live, other=0).to(tl.int32)
-            sc = tl.where(first, s_lo & 63, (both & 15) | ((s_lo >> 2) & 48)).to(tl.float32)
-            mn = tl.where(first, m_lo & 63, (both >> 4) | ((m_lo >> 2) & 48)).to(tl.float32)
+            # Q4_K / Q5_K: byte i * 32 + lane of the nibbles holds element lane of sub-block 2i (low nibble)
+            # and of sub-block 2i + 1 (high nibble)
             d = tl.load(h_ptr + half, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
             dmin = tl.load(h_ptr + half + 1, mask=live, other=0).to(tl.float32).to(dt).to(tl.float32)
-            dl = (d * sc).to(dt).to(tl.float32)
-            ml = (dmin * mn).to(dt).to(tl.float32)
             start = 16 if TYPE == 0 else 48  # Q5_K: 32 bytes of high bits first
-            byte = tl.load(b_ptr + base + start + (j >> 1) * 32 + (e & 31), mask=live, other=0).to(tl.int32)
-            q = (byte >> ((j & 1) * 4)) & 15
-            if TYPE == 1:  # bit j of byte e % 32 of the high bits
-                high = tl.load(b_ptr + base + 16 + (e & 31), mask=live, other=0).to(tl.int32)
-                q = q | (((high >> j) & 1) << 4)
-            w = ((dl * q.to(tl.float32)).to(dt).to(tl.float32) - ml).to(dt)
-        tl.store(out_ptr + b.to(tl.int64) * 256 + e, w, mask=live)
+            byte = tl.load(b_ptr + base + start + i * 32 + lane, mask=live, other=0).to(tl.int32)
+            if TYPE == 1:  # bit j of byte lane of the high bits: sub-block j's fifth bit
+                high = tl.load(b_ptr + base + 16 + lane, mask=live, other=0).to(tl.int32)
+            for h in tl.static_range(2):
+                j = 2 * i + h  # the sub-block: its 6-bit scale and min packed in the 12 bytes at offset 4
+                first = j < 4
+                s_lo = tl.load(b_ptr + base + 4 + (j & 3), mask=live, other=0).to(tl.int32)
+                m_lo = tl.load(b_ptr + base + 8 + (j & 3), mask=live, other=0).to(tl.int32)
+                both = tl.load(b_ptr + base + 12 + (j & 3), mask=live, other=0).to(tl.int32)
+                sc = tl.where(first, s_lo & 63, (both & 15) | ((s_lo >> 2) & 48)).to(tl.float32)
+                mn = tl.where(first, m_lo & 63, (both >> 4) | ((m_lo >> 2) & 48)).to(tl.float32)
+                q = (byte >> (4 * h)) & 15
+                if TYPE == 1:
+                    q = q | (((high >> j) & 1) << 4)
+                dl = (d * sc).to(dt).to(tl.float32)
+                ml = (dmin * mn).to(dt).to(tl.float32)
+                w = ((dl * q.to(tl.float32)).to(dt).to(tl.float32) - ml).to(dt)
+                tl.store(row + j * 32 + lane, w, mask=live)
 
     @triton.jit
     def quantize_rows(
@@ -393,7 +419,11 @@ def nncf(
 
 GGML_TYPES = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}
 K_TYPES = {"Q4_K": (0, 144), "Q5_K": (1, 176), "Q6_K": (2, 210)}
-K_ROWS = 8  # super-blocks (256 elements each) per program
+# Blocks per program, from a sweep of the launch shapes on the H200 (benchmarks/probe_decode.py,
+# results/nvidia-h200/session9-probe-decode-*.json): 4,096 elements a program fed the memory best for the
+# 32-element types and Q4_K / Q5_K, 2,048 for Q6_K.
+GGML_ROWS = 128
+K_ROWS = {"Q4_K": 16, "Q5_K": 16, "Q6_K": 8}
 
 
 def covers_ggml(qtype: str, dtype: torch.dtype) -> bool:
@@ -406,9 +436,9 @@ def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
     Q6_K decoded in a 16-bit ``dtype`` as the GGUF forward's reference does (other types and float32
     output: None)."""
     if qtype in GGML_TYPES:
-        (kind, type_size), width, rows = GGML_TYPES[qtype], 32, ROWS
+        (kind, type_size), width, rows = GGML_TYPES[qtype], 32, GGML_ROWS
     elif qtype in K_TYPES:
-        (kind, type_size), width, rows = K_TYPES[qtype], 256, K_ROWS
+        (kind, type_size), width, rows = K_TYPES[qtype], 256, K_ROWS[qtype]
     else:
         return None
     if not covers_ggml(qtype, dtype) or not blocks.is_contiguous():
