@@ -339,6 +339,47 @@ def _kernels(t: torch.Tensor) -> SimpleNamespace:
     return _build(t.device.type != "cuda")
 
 
+# Compiled kernels by launch signature, each launched through its handle: the JIT's own launch binds and
+# specializes every argument on each call (21 us of host time on the H200 against 9 through the handle,
+# benchmarks/results/nvidia-h200/session9/probe-host-handle.json). The key holds everything Triton 3
+# specializes a compile on, so a handle only ever runs arguments its compile was specialized for.
+HANDLE_DEVICES = {"cuda"}  # where launches go through handles (a test adds "cpu" with a stand-in kernel)
+_HANDLES: dict[tuple, object] = {}
+_handles_work = True  # cleared for good if this Triton's handles take arguments differently
+
+
+def _specialization(value: object) -> object:
+    if isinstance(value, torch.Tensor):  # the dtype and 16-byte alignment of a pointer argument
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):  # 1 (a constant), a multiple of 16, 32 or 64 bits
+        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31
+    return value
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs)``, through the compiled handle on CUDA once the JIT compiled it."""
+    global _handles_work
+    options = {} if num_warps is None else {"num_warps": num_warps}
+    if not _handles_work or args[0].device.type not in HANDLE_DEVICES:
+        kernel[grid](*args, **constexprs, **options)
+        return
+    key = (kernel, args[0].device.index, num_warps, *map(_specialization, args), *constexprs.items())
+    handle = _HANDLES.get(key)
+    if handle is None:
+        compiled = kernel[grid](*args, **constexprs, **options)
+        if compiled is not None and hasattr(compiled, "__getitem__"):
+            _HANDLES[key] = compiled
+        return
+    full = (*args, *(constexprs[name] for name in kernel.arg_names[len(args) :]))
+    try:
+        handle[(*grid, 1, 1)[:3]](*full)
+    except (TypeError, AttributeError, IndexError):  # raised while binding, before any launch
+        _handles_work = False
+        kernel[grid](*args, **constexprs, **options)
+
+
 def _cdiv(n: int, d: int) -> int:
     return (n + d - 1) // d
 
@@ -361,7 +402,8 @@ def quanto_bytes(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None
     out = torch.empty(data.shape, dtype=scale.dtype, device=data.device)
     rows, cols = data.shape
     block = _block(cols)
-    k.grouped[(rows, _cdiv(cols, block))](
+    _launch(
+        k.grouped, (rows, _cdiv(cols, block)),
         data, scale, scale, out, cols, 1, GROUP_COLS=0, BITS=8, SYM_OFFSET=0, HAS_ZERO=False,
         MATH=getattr(k.tl, _MATH[scale.dtype]), BLOCK=block,
     )  # fmt: skip
@@ -382,7 +424,8 @@ def quanto_bits(
         return None
     k = _kernels(packed)
     out = torch.empty((rows, cols), dtype=scale.dtype, device=packed.device)
-    k.quanto_bits[(_cdiv(packed.shape[0], ROWS),)](
+    _launch(
+        k.quanto_bits, (_cdiv(packed.shape[0], ROWS),),
         packed, scale, shift, out, packed.shape[0], group_rows,
         GROUP=group, BITS=bits, INT_SHIFT=not shift.is_floating_point(), ROWS=ROWS,
     )  # fmt: skip
@@ -408,7 +451,8 @@ def nncf(
     out = torch.empty((rows, cols), dtype=dtype, device=weight.device)
     half_scale = scale.view(torch.float16)
     block = _block(cols)
-    k.grouped[(rows, _cdiv(cols, block))](
+    _launch(
+        k.grouped, (rows, _cdiv(cols, block)),
         weight, half_scale, half_scale if zero_point is None else zero_point, out, cols, groups,
         GROUP_COLS=0 if groups == 1 else cols // groups, BITS=bits,
         SYM_OFFSET=8 if bits == 4 and zero_point is None else 0, HAS_ZERO=zero_point is not None,
@@ -450,7 +494,7 @@ def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
     out = torch.empty((n, width), dtype=dtype, device=blocks.device)
     kernel = k.ggml_blocks if width == 32 else k.k_blocks
     halves = blocks.view(torch.float16)  # the fp16 scales read in place: type sizes and offsets are even
-    kernel[(_cdiv(n, rows),)](blocks, halves, out, n, TYPE=kind, TYPE_SIZE=type_size, ROWS=rows)
+    _launch(kernel, (_cdiv(n, rows),), blocks, halves, out, n, TYPE=kind, TYPE_SIZE=type_size, ROWS=rows)
     return out
 
 
@@ -471,7 +515,8 @@ def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
         block = 1 << max(cols - 1, 1).bit_length()  # the whole row
-        k.quantize_rows[(rows,)](
+        _launch(
+            k.quantize_rows, (rows,),
             x, codes, scales, cols, TOP=448.0 if fp8 else 127.0, INT8=not fp8, BLOCK=block,
             num_warps=8 if block >= 4096 else 4,
         )  # fmt: skip
@@ -494,7 +539,8 @@ def scale_int_mm(
     out = torch.empty((rows, cols), dtype=dtype, device=acc.device)
     if rows:
         block = _block(cols)
-        k.scale_rows_cols[(rows, _cdiv(cols, block))](
+        _launch(
+            k.scale_rows_cols, (rows, _cdiv(cols, block)),
             acc, x_scale, w_scale, w_scale if bias is None else bias, out, cols,
             HAS_BIAS=bias is not None, BLOCK=block,
         )  # fmt: skip

@@ -186,3 +186,83 @@ def test_int8_epilogue_scales_as_compute_does(bias, dtype, device, kernels_here)
         want = want + b
     _same(kernels.scale_int_mm(acc, x_scale, w_scale, b, dtype), want)
     assert kernels.quantize_rows(torch.zeros(2, kernels.MAX_ROW + 16, device=device), "fp8") is None
+
+
+class _StandInKernel:
+    """A JIT function's launch surface: ``kernel[grid](...)`` compiles (returns a handle), the handle's
+    ``[grid](*all_args)`` launches; both record what they were given."""
+
+    arg_names = ("src", "out", "n", "TYPE", "ROWS")
+
+    def __init__(self, handle_error: type[Exception] | None = None):
+        self.jit_calls: list = []
+        self.handle_calls: list = []
+        self.handle_error = handle_error
+
+    def __getitem__(self, grid):
+        def jit(*args, **kwargs):
+            self.jit_calls.append((grid, args, kwargs))
+            return _StandInHandle(self)
+
+        return jit
+
+
+class _StandInHandle:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args):
+            if self.kernel.handle_error is not None:
+                raise self.kernel.handle_error("takes exactly 20 arguments")
+            self.kernel.handle_calls.append((grid, args))
+
+        return launch
+
+
+def test_launches_go_through_the_handle_of_a_compile_with_the_same_specialization(monkeypatch):
+    """The first launch of a signature compiles through the JIT; later ones with the same dtypes, pointer
+    alignment and integer specialization launch the compiled handle with every argument in the kernel's
+    order (constexprs included) and a 3-D grid; a launch Triton would specialize differently (an unaligned
+    pointer, a length that is no multiple of 16) compiles again."""
+    monkeypatch.setattr(kernels, "HANDLE_DEVICES", {"cpu"})
+    monkeypatch.setattr(kernels, "_HANDLES", {})
+    kernel = _StandInKernel()
+    src, out = torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.bfloat16)
+    kernels._launch(kernel, (4,), src, out, 32, TYPE=1, ROWS=8, num_warps=4)
+    assert len(kernel.jit_calls) == 1 and kernel.jit_calls[0][2] == {"TYPE": 1, "ROWS": 8, "num_warps": 4}
+    kernels._launch(kernel, (4,), src, out, 48, TYPE=1, ROWS=8, num_warps=4)  # 48: also a multiple of 16
+    assert kernel.handle_calls == [((4, 1, 1), (src, out, 48, 1, 8))]
+    kernels._launch(kernel, (4,), src, out, 33, TYPE=1, ROWS=8, num_warps=4)  # not a multiple of 16
+    kernels._launch(kernel, (4,), src[1:], out, 32, TYPE=1, ROWS=8, num_warps=4)  # a pointer off 16 bytes
+    kernels._launch(kernel, (4,), src, out, 32, TYPE=2, ROWS=8, num_warps=4)  # another constexpr
+    kernels._launch(kernel, (4,), src, out.float(), 32, TYPE=1, ROWS=8, num_warps=4)  # another dtype
+    assert len(kernel.jit_calls) == 5 and len(kernel.handle_calls) == 1
+
+
+def test_a_handle_that_refuses_its_arguments_turns_handles_off(monkeypatch):
+    monkeypatch.setattr(kernels, "HANDLE_DEVICES", {"cpu"})
+    monkeypatch.setattr(kernels, "_HANDLES", {})
+    monkeypatch.setattr(kernels, "_handles_work", True)
+    kernel = _StandInKernel(handle_error=TypeError)
+    src, out = torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.bfloat16)
+    for _ in range(3):
+        kernels._launch(kernel, (4,), src, out, 32, TYPE=1, ROWS=8)
+    assert len(kernel.jit_calls) == 3 and not kernels._handles_work  # the JIT launched every time
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "Q4_K"])
+def test_handle_launches_decode_as_the_jit_does_on_cuda(qtype, kernels_here):
+    """On CUDA repeated decodes go through the handles; every one equals the reference, for block counts
+    and pointer offsets that specialize differently (a multiple of 16 or not, 16-byte aligned or not)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (run on the GPU machine)")
+    size = block_info(qtype)[1]
+    width = 256 if qtype in kernels.K_TYPES else 32
+    data = to_ggml(torch.randn(64, 4 * width) * 0.05, qtype).reshape(-1, size).cuda()
+    before = len(kernels._HANDLES)
+    for blocks in (data, data[:13], data[1:], data[1:14], data, data[:13], data[1:]):
+        for _ in range(2):
+            _same(kernels.ggml(qtype, blocks, torch.bfloat16), DEQUANTIZERS[qtype](blocks, torch.bfloat16))
+    assert kernels._handles_work and len(kernels._HANDLES) > before
