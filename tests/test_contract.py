@@ -393,7 +393,7 @@ def test_fuse_refuses_a_type_it_cannot_requantize_before_changing_anything(flux_
     model = _load(flux_path, "gguf:q8_0")
     model.load_lora_adapter(_lora_state_dict(model), adapter_name="style", prefix=None)
     layer = model.transformer_blocks[0].attn.to_q
-    layer.get_base_layer().qtype = "Q4_K"  # as a layer read from a K-quant file is
+    layer.get_base_layer().qtype = "Q3_K"  # as a layer read from a Q3_K file is (no quantizer here)
     before = layer.get_base_layer().weight.clone()
     with pytest.raises(SpecError, match="cannot be re-quantized.*fix: keep the LoRA unfused"):
         layer.merge()

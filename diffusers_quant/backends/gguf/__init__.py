@@ -1,7 +1,8 @@
 """GGUF: pre-quantized transformer/UNet files (memory-mapped, dequantized per forward), and writing them.
 
 Four roles, one file each: ``reader`` (mmap + validation), ``dequant`` (pure torch, every type gguf-py
-can dequantize), ``writer`` (every type gguf-py can quantize), ``nn`` (``GGUFLinear``: packed bytes on
+can dequantize), ``writer`` (every type gguf-py can quantize, and Q4_K/Q5_K/Q6_K through ``quantize``'s
+torch ports of ggml's reference quantizers), ``nn`` (``GGUFLinear``: packed bytes on
 the device, dequantized in forward); ``keys`` maps published key names to diffusers', ``loader`` builds a
 model from a file.  A spec is either a type to quantize to (``gguf:q8_0``) or a file (``gguf:/x/f.gguf``).
 """
@@ -18,14 +19,18 @@ if TYPE_CHECKING:
 
     from ...spec import Spec
 
-# (block size, bytes per block) of the types gguf-py can quantize to, from gguf.GGML_QUANT_SIZES
-# (a test checks these against the library, so the registry needs no gguf import).
+# (block size, bytes per block) of the types the writer can quantize to (gguf-py's, and the K quants
+# quantize.py ports), from gguf.GGML_QUANT_SIZES: a test checks these against writer.WRITABLE_QTYPES and the
+# library, so the registry needs no gguf import.
 QUANTIZE_TYPES: dict[str, tuple[int, int]] = {
     "q4_0": (32, 18),
     "q4_1": (32, 20),
     "q5_0": (32, 22),
     "q5_1": (32, 24),
     "q8_0": (32, 34),
+    "q4_k": (256, 144),
+    "q5_k": (256, 176),
+    "q6_k": (256, 210),
     "tq1_0": (256, 54),
     "tq2_0": (256, 66),
     "mxfp4": (32, 17),
@@ -115,7 +120,7 @@ class GgufBackend(Backend):
         qtype = module.qtype.lower()
         if qtype not in QUANTIZE_TYPES:
             raise SpecError(
-                f"a GGUF {module.qtype} layer cannot be re-quantized here (gguf-py quantizes to "
+                f"a GGUF {module.qtype} layer cannot be re-quantized here (GGUF layers quantize to "
                 f"{choices(QUANTIZE_TYPES)}); fix: keep the LoRA unfused (set_adapters / disable_lora), or "
                 "load the full-precision model to fuse"
             )

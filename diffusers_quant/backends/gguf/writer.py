@@ -1,4 +1,7 @@
-"""Write a state dict as a GGUF file, quantizing with gguf-py, atomically and one tensor at a time.
+"""Write a state dict as a GGUF file, quantized, atomically and one tensor at a time.
+
+The types are those gguf-py can quantize plus the torch ports of ``quantize.QUANTIZERS`` (which add
+Q4_K / Q5_K / Q6_K, ggml's reference quantizers); ``quantize.to_ggml`` encodes every tensor.
 
 Which tensors are quantized: floating tensors with 2+ dims, more than ``SMALL_TENSOR_NUMEL`` elements and a
 last dim that is a whole number of ``qtype`` blocks, unless ``keep_full_precision`` says otherwise (the same
@@ -27,7 +30,7 @@ import torch
 
 from ...files import replacing
 from .dequant import block_info, packed_nbytes
-from .quantize import to_ggml
+from .quantize import QUANTIZERS, to_ggml
 from .reader import ORIG_SHAPE_PREFIX
 
 CONFIG_KEY = "diffusers_quant.config"
@@ -44,7 +47,7 @@ _INT_TYPES = {torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.in
 
 
 @functools.cache
-def _writable_qtypes() -> tuple[str, ...]:
+def _gguf_py_qtypes() -> tuple[str, ...]:
     """Every ggml type gguf-py can quantize to, found by trying (its table grows between releases)."""
     found = []
     for t in gguf.GGMLQuantizationType:
@@ -58,7 +61,11 @@ def _writable_qtypes() -> tuple[str, ...]:
     return tuple(found)
 
 
-WRITABLE_QTYPES: tuple[str, ...] = _writable_qtypes()
+GGUF_PY_QTYPES: tuple[str, ...] = _gguf_py_qtypes()
+# gguf-py's types and the torch ports (the K quants gguf-py lacks), in ggml's type order
+WRITABLE_QTYPES: tuple[str, ...] = tuple(
+    t.name for t in gguf.GGMLQuantizationType if t.name in GGUF_PY_QTYPES or t.name in QUANTIZERS
+)
 
 
 def write_gguf(

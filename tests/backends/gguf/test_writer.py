@@ -12,9 +12,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 from diffusers_quant.backends.gguf import writer as writer_mod  # noqa: E402
 from diffusers_quant.backends.gguf.dequant import dequantize  # noqa: E402
+from diffusers_quant.backends.gguf.quantize import QUANTIZERS, to_ggml  # noqa: E402
 from diffusers_quant.backends.gguf.reader import read_gguf  # noqa: E402
 from diffusers_quant.backends.gguf.writer import (  # noqa: E402
     CONFIG_KEY,
+    GGUF_PY_QTYPES,
     QTYPE_KEY,
     WRITABLE_QTYPES,
     write_gguf,
@@ -36,16 +38,20 @@ def _state_dict(dtype=torch.float32) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
-def test_writable_qtypes_are_exactly_what_gguf_py_can_quantize():
-    assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"} <= set(WRITABLE_QTYPES)
+def test_writable_qtypes_are_what_gguf_py_can_quantize_and_the_torch_k_quants():
+    assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"} <= set(GGUF_PY_QTYPES)
     for t in T:
         block_size = gguf.GGML_QUANT_SIZES[t][0]
         probe = np.ones((1, block_size), np.float32)
-        if t.name in WRITABLE_QTYPES:
+        if t.name in GGUF_PY_QTYPES:
             gguf.quants.quantize(probe, t)
         else:
             with pytest.raises(NotImplementedError):
                 gguf.quants.quantize(probe, t)
+    # our additions: the K quants gguf-py cannot write, ported from ggml (test_quantize.py checks the bytes)
+    assert {"Q4_K", "Q5_K", "Q6_K"} <= set(QUANTIZERS)
+    assert set(WRITABLE_QTYPES) == set(GGUF_PY_QTYPES) | set(QUANTIZERS)
+    assert list(WRITABLE_QTYPES) == sorted(WRITABLE_QTYPES, key=lambda name: T[name].value)  # ggml's order
 
 
 @pytest.mark.parametrize("qtype", WRITABLE_QTYPES)
@@ -64,7 +70,13 @@ def test_round_trip_every_writable_type(tmp_path, qtype):
         assert written[name] == (qtype if quantize else "F32"), name
         got = dequantize(f.raw(info), info.type_name, info.shape)
         if quantize:
-            ref = gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), T[qtype]), T[qtype])
+            if qtype in GGUF_PY_QTYPES:
+                packed = gguf.quants.quantize(x.numpy(), T[qtype])
+            else:  # gguf-py cannot quantize it: our torch port's bytes, read back by gguf-py
+                packed = to_ggml(x, qtype).numpy()
+            stored = f.raw(info).contiguous().view(torch.uint8).reshape(-1).numpy()
+            assert np.array_equal(stored, packed.view(np.uint8).reshape(-1)), name
+            ref = gguf.quants.dequantize(packed, T[qtype])
             assert np.array_equal(got.numpy(), ref.astype(np.float32)), name
         else:
             assert torch.equal(got, x), name
@@ -125,8 +137,8 @@ def test_int_tensors_and_invalid_inputs(tmp_path):
     written = write_gguf(tmp_path / "i.gguf", sd, "Q8_0", arch="x")
     assert written["idx"] == "I64"
     assert torch.equal(read_gguf(tmp_path / "i.gguf").raw("idx"), sd["idx"])
-    with pytest.raises(ValueError, match="unsupported GGUF qtype 'Q4_K'; expected one of"):
-        write_gguf(tmp_path / "bad.gguf", sd, "Q4_K", arch="x")
+    with pytest.raises(ValueError, match="unsupported GGUF qtype 'Q3_K'; expected one of"):
+        write_gguf(tmp_path / "bad.gguf", sd, "Q3_K", arch="x")
     with pytest.raises(ValueError, match="0-dimensional"):
         write_gguf(tmp_path / "bad.gguf", {"s": torch.tensor(1.0)}, "Q8_0", arch="x")
     with pytest.raises(ValueError, match="dtype torch.bool"):
