@@ -252,3 +252,44 @@ def test_cuda_peak_stays_near_the_result_for_flux_largest_linear(qtype):
     stored = torch.cuda.memory_allocated() - start
     assert layer.weight.device.type == "cuda" and layer.bias.device.type == "cuda"
     assert peak <= stored + 16 * 2**20, (qtype, peak / 2**20, stored / 2**20)
+
+
+def _graph_ops(layer, x) -> tuple[torch.Tensor, set[str]]:
+    """``layer(x)`` compiled, and the ops of the graphs AOTAutograd hands the compiler."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops: set[str] = set()
+
+    def record(gm, _inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    return torch.compile(layer, backend=aot_autograd(fw_compiler=record))(x), ops
+
+
+@pytest.mark.parametrize("qtype", ["qint8", "qfloat8", "qint4", "qint2"])
+def test_compiled_layer_decodes_with_the_hand_written_kernel(qtype, monkeypatch):
+    """Inside a compiled graph a quanto weight is decoded by one opaque op that launches the hand-written
+    kernel (Triton's interpreter here): the output is the eager kernel path's, bit for bit; with the
+    reference forced the graph holds the plain decode ops instead, and the output stays within rounding."""
+    from diffusers_quant import fused, kernels
+
+    monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(fused.FUSED_ENV, "all")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64).to(torch.bfloat16)
+    layer = get_backend("quanto").quantize_linear(linear, Spec.parse(f"quanto:{qtype}"), torch.bfloat16)
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    name = "bits" if qtype in ("qint4", "qint2") else "bytes"
+    with torch.no_grad():
+        eager = layer(x)  # the hand-written kernel, eager
+        got, ops = _graph_ops(layer, x)
+        assert f"diffusers_quant.quanto_{name}_weight.default" in ops, ops
+        assert torch.equal(got, eager)
+        monkeypatch.setenv(fused.REFERENCE_ENV, "1")
+        want, reference_ops = _graph_ops(layer, x)
+    assert not any(op.startswith("diffusers_quant") for op in reference_ops), reference_ops
+    assert _err(got, want) < 1e-2
