@@ -52,8 +52,8 @@ STEP_RATIO_MAX = 1.10
 PLAIN_QUANTO = {"qint8": "int8", "qint4": "int4", "qfloat8": "float8"}
 PLAIN_NNCF = {"int8": "INT8_ASYM", "int8_sym": "INT8_SYM", "int4": "INT4_ASYM", "int4_sym": "INT4_SYM"}
 NNCF_GROUP_SIZE = 64
-# GGUF has dozens of qtypes; benchmark the two most used ones (q4_k falls back when gguf-py cannot write it).
-GGUF_QTYPES = ("q8_0", "q4_k", "q4_1", "q5_0")
+# GGUF has dozens of qtypes; benchmark the most used ones (q4_k falls back to q4_0 where the writer lacks it).
+GGUF_QTYPES = ("q8_0", "q4_k", "q4_1", "q5_0", "q5_k", "q6_k")
 GGUF_FALLBACK = {"q4_k": "q4_0"}
 
 
