@@ -252,8 +252,8 @@ def fused_linear(input, weight, bias=None):
     fused kernels, quanto's activation quantization, mixed dtypes).
 
     Where the fused kernels run (CUDA) the dequantization is one kernel (``fused.py``); inside a compiled
-    region the same kernel is one opaque op of the region's graph (``quanto_ops.py``; elsewhere the decode
-    is traced into the graph, and Inductor writes its kernel; quanto's own ops ran 1.2-1.5x compiled bf16
+    region an 8-bit weight's kernel is one opaque op of the region's graph (``quanto_ops.py``; 2/4-bit
+    weights' decode is traced into the graph, and Inductor writes its kernel; quanto's own ops ran 1.2-1.5x compiled bf16
     on the H200: compile traces with fake tensors, which therefore take this path too); on the CPU it is the same pure-torch dequantization and one matmul,
     without quanto's per-call dispatch and, for int8, its int8 weight-only kernel: a matrix-vector kernel
     that took 5.3x the bf16 matmul at 288 tokens here (373 against 70 us, a 128 x 512 layer; 11x at
@@ -277,10 +277,11 @@ def fused_linear(input, weight, bias=None):
     elif path == "traced":
         from . import quanto_ops
 
-        if quanto_ops.kernel_in_graph(input.device.type):  # the kernels as opaque ops of the graph
-            bytes_weight, bits_weight = quanto_ops.bytes_weight, quanto_ops.bits_weight
-        else:  # the decode traced into the graph (Inductor writes its kernel)
-            bytes_weight, bits_weight = _bytes_weight, _bits_weight
+        # 8-bit: the kernel as one opaque op of the graph; 2/4-bit (and off a kernel device) the decode traced
+        # into the graph, where Inductor writes its kernel (quanto_ops.py says which was faster)
+        in_graph = quanto_ops.kernel_in_graph(input.device.type)
+        bytes_weight = quanto_ops.bytes_weight if in_graph else _bytes_weight
+        bits_weight = _bits_weight
     elif _overruns_int8_kernel(input, weight):
         bytes_weight, bits_weight = _bytes_weight, _bits_weight
     else:

@@ -1,11 +1,11 @@
-"""quanto's weight decodes as opaque ops of a compiled graph, so compiled models run the hand-written kernels.
+"""quanto's 8-bit weight decode as one opaque op of a compiled graph: the hand-written kernel in compiled models.
 
-Traced into a compiled block, quanto's dequantization becomes Inductor's own kernel, which ran the compiled
-flux-width model at 1.14-1.16x compiled bf16 for qint2 / qfloat8 on the H200
-(``benchmarks/results/nvidia-h200/session9/bench-run4``); GGUF's traced decode did the same until its
-kernel went into the graph as one op (``backends/gguf/nn.py``: 1.15 -> 1.09x for q4_1). Each op here
-launches ``kernels.py``'s kernel (or, where it declines a layout, the reference decode), with a fake that
-gives the result's shape and dtype to the tracer.
+Traced into a compiled block, quanto's dequantization becomes Inductor's own kernel; as an op, the graph
+runs ``kernels.quanto_bytes`` (where it declines a layout, the reference decode), whose output is the eager
+path's bit for bit. On the H200 (flux-width, compiled × compiled bf16, ``benchmarks/results/nvidia-h200``)
+qfloat8 ran 1.066x with the op (session9/bench-run5) against 1.062x and 1.156x traced in two earlier runs
+(session7-bench, session9/bench-run4): no worse, and the same kernel eager and compiled. 2/4-bit weights
+stay traced: Inductor's kernel won there (qint2 1.140x traced, 1.203x with the packed-bits kernel as an op).
 """
 
 from __future__ import annotations
@@ -32,27 +32,9 @@ def _(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return data.new_empty(data.shape, dtype=scale.dtype)
 
 
-@torch.library.custom_op("diffusers_quant::quanto_bits_weight", mutates_args=())
-def bits_weight(
-    packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int, rows: int, cols: int
-) -> torch.Tensor:
-    """A packed 2/4-bit weight, as ``quanto._bits_weight`` decodes it."""
-    out = kernels.quanto_bits(packed, scale, shift, bits, rows, cols)
-    if out is None:
-        from .quanto import _bits_weight
-
-        out = _bits_weight(packed, scale, shift, bits, rows, cols)
-    return out
-
-
-@bits_weight.register_fake
-def _(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int, rows: int, cols: int):
-    return packed.new_empty((rows, cols), dtype=scale.dtype)
-
-
 @torch.compiler.assume_constant_result
 def kernel_in_graph(device_type: str) -> bool:
-    """Whether a compiled graph decodes quanto weights on ``device_type`` with these ops (asked once per
+    """Whether a compiled graph decodes 8-bit quanto weights on ``device_type`` with the op (asked once per
     trace): a kernel device with Triton, quanto fused (``DIFFUSERS_QUANT_FUSED``), the reference not forced."""
     if device_type not in kernels.KERNEL_DEVICES:
         return False

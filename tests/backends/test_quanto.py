@@ -269,10 +269,11 @@ def _graph_ops(layer, x) -> tuple[torch.Tensor, set[str]]:
 
 
 @pytest.mark.parametrize("qtype", ["qint8", "qfloat8", "qint4", "qint2"])
-def test_compiled_layer_decodes_with_the_hand_written_kernel(qtype, monkeypatch):
-    """Inside a compiled graph a quanto weight is decoded by one opaque op that launches the hand-written
-    kernel (Triton's interpreter here): the output is the eager kernel path's, bit for bit; with the
-    reference forced the graph holds the plain decode ops instead, and the output stays within rounding."""
+def test_compiled_layer_decodes_8_bit_weights_with_the_hand_written_kernel(qtype, monkeypatch):
+    """Inside a compiled graph an 8-bit quanto weight is decoded by one opaque op that launches the
+    hand-written kernel (Triton's interpreter here), its output the eager kernel path's bit for bit; a
+    2/4-bit weight's decode is traced (Inductor's kernel was faster there), as is every weight's with the
+    reference forced; outputs stay within rounding of each other."""
     from diffusers_quant import fused, kernels
 
     monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
@@ -283,13 +284,16 @@ def test_compiled_layer_decodes_with_the_hand_written_kernel(qtype, monkeypatch)
     linear = torch.nn.Linear(256, 64).to(torch.bfloat16)
     layer = get_backend("quanto").quantize_linear(linear, Spec.parse(f"quanto:{qtype}"), torch.bfloat16)
     x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
-    name = "bits" if qtype in ("qint4", "qint2") else "bytes"
     with torch.no_grad():
         eager = layer(x)  # the hand-written kernel, eager
         got, ops = _graph_ops(layer, x)
-        assert f"diffusers_quant.quanto_{name}_weight.default" in ops, ops
-        assert torch.equal(got, eager)
         monkeypatch.setenv(fused.REFERENCE_ENV, "1")
         want, reference_ops = _graph_ops(layer, x)
+    ours = {op for op in ops if op.startswith("diffusers_quant")}
+    if qtype in ("qint8", "qfloat8"):
+        assert ours == {"diffusers_quant.quanto_bytes_weight.default"}, ops
+        assert torch.equal(got, eager)
+    else:
+        assert not ours, ops
     assert not any(op.startswith("diffusers_quant") for op in reference_ops), reference_ops
-    assert _err(got, want) < 1e-2
+    assert _err(got, want) < 1e-2 and _err(got, eager) < 1e-2
