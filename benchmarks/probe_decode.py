@@ -19,7 +19,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from probe_fused import DEVICE, layer_for  # noqa: E402
+from probe_fused import DEVICE, layer_for, timed_ms  # noqa: E402
 
 from diffusers_quant import kernels  # noqa: E402
 
@@ -30,20 +30,9 @@ K_ROWS_TRIED = (4, 8, 16, 32) if DEVICE == "cuda" else (8,)
 BLOCKS = (1024, 2048, 4096) if DEVICE == "cuda" else (1024,)
 
 
-def gpu_us(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    if DEVICE != "cuda":
-        return float("nan")
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[n // 2]
+def gpu_us(fn) -> float:
+    """Median GPU µs of ``fn`` (probe_fused's timing; on the CPU a smoke run, so no figure)."""
+    return timed_ms(fn) * 1e3 if DEVICE == "cuda" else float("nan")
 
 
 def _row(us: float, moved: int) -> dict:

@@ -26,20 +26,9 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from probe_fused import DEVICE, layer_for  # noqa: E402
+from probe_fused import DEVICE, FORMATS, layer_for  # noqa: E402
 
 from diffusers_quant import fused, kernels  # noqa: E402
-
-FORMATS = (
-    "quanto:qint8",
-    "quanto:qfloat8",
-    "quanto:qint4",
-    "nncf:int8",
-    "nncf:int4",
-    "gguf:q8_0",
-    "gguf:q4_1",
-)
-
 
 SHAPE = (3072, 12288) if DEVICE == "cuda" else (256, 512)  # the CPU run is a smoke run (interpreted Triton)
 CALLS = 200 if DEVICE == "cuda" else 5
@@ -92,7 +81,7 @@ def _launches(fmt: str, layer) -> dict:
 
     out: dict = {}
     backend = fmt.split(":")[0]
-    if backend != "gguf":
+    if backend != "gguf" or layer.qtype not in kernels.GGML_TYPES:  # the launch parts: 32-element types
         return out
     blocks = layer.weight.reshape(-1, layer._type_size)
     qtype = layer.qtype

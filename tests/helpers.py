@@ -37,3 +37,19 @@ def rel_l2(a, b) -> float:
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def compiled_graph_ops(module, x, fullgraph: bool = False):
+    """``module(x)`` compiled, and the ops of the graphs AOTAutograd hands the compiler (which ops a
+    compiled quantized layer runs)."""
+    import torch
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops: set[str] = set()
+
+    def record(gm, _inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    return torch.compile(module, backend=aot_autograd(fw_compiler=record), fullgraph=fullgraph)(x), ops

@@ -11,7 +11,7 @@ import torch
 
 quanto = pytest.importorskip("optimum.quanto")
 
-from helpers import rel_l2  # noqa: E402
+from helpers import compiled_graph_ops, rel_l2  # noqa: E402
 from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor, quantize_weight  # noqa: E402
 
 from diffusers_quant.backends import get_backend  # noqa: E402
@@ -254,20 +254,6 @@ def test_cuda_peak_stays_near_the_result_for_flux_largest_linear(qtype):
     assert peak <= stored + 16 * 2**20, (qtype, peak / 2**20, stored / 2**20)
 
 
-def _graph_ops(layer, x) -> tuple[torch.Tensor, set[str]]:
-    """``layer(x)`` compiled, and the ops of the graphs AOTAutograd hands the compiler."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    ops: set[str] = set()
-
-    def record(gm, _inputs):
-        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
-
-    torch._dynamo.reset()
-    return torch.compile(layer, backend=aot_autograd(fw_compiler=record))(x), ops
-
-
 @pytest.mark.parametrize("qtype", ["qint8", "qfloat8", "qint4", "qint2"])
 def test_compiled_layer_decodes_8_bit_weights_with_the_hand_written_kernel(qtype, monkeypatch):
     """Inside a compiled graph an 8-bit quanto weight is decoded by one opaque op that launches the
@@ -286,9 +272,9 @@ def test_compiled_layer_decodes_8_bit_weights_with_the_hand_written_kernel(qtype
     x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         eager = layer(x)  # the hand-written kernel, eager
-        got, ops = _graph_ops(layer, x)
+        got, ops = compiled_graph_ops(layer, x)
         monkeypatch.setenv(fused.REFERENCE_ENV, "1")
-        want, reference_ops = _graph_ops(layer, x)
+        want, reference_ops = compiled_graph_ops(layer, x)
     ours = {op for op in ops if op.startswith("diffusers_quant")}
     if qtype in ("qint8", "qfloat8"):
         assert ours == {"diffusers_quant.quanto_bytes_weight.default"}, ops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import compiled_graph_ops
 
 from diffusers_quant import fused
 from diffusers_quant.backends.gguf.dequant import block_info
@@ -35,20 +36,6 @@ def test_fused_forward_matches_the_reference_decode(qtype, make_blocks, monkeypa
     assert (got.float() - want.float()).abs().max().item() <= 8 * torch.finfo(torch.bfloat16).eps * scale
 
 
-def _graph_ops(layer, x) -> tuple[torch.Tensor, set[str]]:
-    """``layer(x)`` compiled whole, and the ops of the graph AOTAutograd hands the compiler."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    ops: set[str] = set()
-
-    def record(gm, _inputs):
-        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
-
-    torch._dynamo.reset()
-    return torch.compile(layer, backend=aot_autograd(fw_compiler=record), fullgraph=True)(x), ops
-
-
 @pytest.mark.parametrize("qtype", ("Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"))
 def test_compiled_layer_decodes_with_the_hand_written_kernel(qtype, make_blocks, monkeypatch):
     """Inside a compiled graph a covered type is decoded by one opaque op that launches the hand-written
@@ -64,13 +51,13 @@ def test_compiled_layer_decodes_with_the_hand_written_kernel(qtype, make_blocks,
     x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16)
     with torch.no_grad():
         eager = layer(x)  # the hand-written kernel, eager
-        got, ops = _graph_ops(layer, x)
+        got, ops = compiled_graph_ops(layer, x, fullgraph=True)
         assert "diffusers_quant.ggml_decode.default" in ops, ops
         assert torch.equal(got, eager)
-        got32, ops32 = _graph_ops(layer, x.float())
+        got32, ops32 = compiled_graph_ops(layer, x.float(), fullgraph=True)
         assert not any(op.startswith("diffusers_quant") for op in ops32), ops32
         monkeypatch.setenv(fused.REFERENCE_ENV, "1")
-        _, reference_ops = _graph_ops(layer, x)
+        _, reference_ops = compiled_graph_ops(layer, x, fullgraph=True)
         assert not any(op.startswith("diffusers_quant") for op in reference_ops), reference_ops
         want = layer(x)
     scale = want.abs().max().item()
