@@ -616,6 +616,7 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+            before = _allocator_counts()
         for _ in range(defn.steps):
             if cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -634,7 +635,19 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
     if cuda:
         figures["gpu_step_peak"] = torch.cuda.max_memory_allocated() - base
         figures["host_issue_ms"] = sorted(issue)[len(issue) // 2]
+        # cudaMalloc / cudaFree (each free synchronizes the device) and retries within the timed steps:
+        # a steady step makes none; a row whose issue time nears its step time may be waiting on them
+        after = _allocator_counts()
+        figures["allocator_calls_in_steps"] = {k: after[k] - before[k] for k in after}
     return out.detach().float().cpu(), figures
+
+
+def _allocator_counts() -> dict[str, int]:
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+    return {k: int(stats.get(k, 0)) for k in keys}
 
 
 def compare(out, job: dict) -> dict:

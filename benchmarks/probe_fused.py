@@ -44,9 +44,6 @@ FORMATS = (
     "gguf:q5_k",
     "gguf:q6_k",
 )
-# ggml types no writer here quantizes (gguf-py 0.19 writes no K-quant): random blocks with modest fp16 scales
-# (the timings and the kernel-vs-reference error are what the probe reports; a K-quant file's bytes decode the same way)
-RANDOM_BLOCKS = {"Q4_K": (144, (0,)), "Q5_K": (176, (0,)), "Q6_K": (210, (208,))}
 
 
 def timed_ms(fn, n: int = 20) -> float:
@@ -96,24 +93,9 @@ def _reference(layer, x):
 
 def layer_for(fmt: str, linear: torch.nn.Linear):
     backend, qtype = fmt.split(":")
-    if backend == "gguf" and qtype.upper() in RANDOM_BLOCKS:
-        return _random_gguf(linear, qtype.upper())
     if backend == "gguf":
         return GGUFLinear.from_linear(linear, qtype.upper(), device=DEVICE)
     return get_backend(backend).quantize_linear(linear, Spec.parse(fmt), torch.bfloat16, device=DEVICE)
-
-
-def _random_gguf(linear: torch.nn.Linear, qtype: str) -> GGUFLinear:
-    size, scale_at = RANDOM_BLOCKS[qtype]
-    rows, cols = linear.weight.shape
-    gen = torch.Generator().manual_seed(0)
-    blocks = torch.randint(0, 256, (rows * cols // 256, size), generator=gen, dtype=torch.uint8)
-    for at in scale_at:  # d (and dmin): finite fp16, so the weight is of a trained layer's magnitude
-        count = 1 if qtype == "Q6_K" else 2
-        blocks[:, at : at + 2 * count] = (
-            (torch.rand(blocks.shape[0], count, generator=gen) * 2e-3).half().view(torch.uint8)
-        )
-    return GGUFLinear.from_raw(blocks.reshape(rows, -1).to(DEVICE), qtype, (rows, cols), linear.bias.detach())
 
 
 def probe(in_features: int, out_features: int, tokens: int) -> dict:
