@@ -118,6 +118,16 @@ def fast_path(t: torch.Tensor, backend: str) -> str | None:
     return "cpu" if t.device.type == "cpu" else None
 
 
+@torch.compiler.assume_constant_result
+def kernel_in_graph(device_type: str, backend: str) -> bool:
+    """Whether a compiled graph runs ``backend``'s hand-written kernel as one opaque op on ``device_type``
+    (asked once per trace, so the environment and Triton lookups stay out of the graph): a kernel device
+    with Triton, the backend fused (``DIFFUSERS_QUANT_FUSED``) and the reference not forced."""
+    if device_type not in kernels.KERNEL_DEVICES:
+        return False
+    return backend in fused_backends() and not reference_forced() and kernels.have_triton(device_type)
+
+
 def fast_path_wanted(t: torch.Tensor, backend: str) -> bool:
     """Whether a ``backend`` layer whose input is ``t`` takes the fused path."""
     return fast_path(t, backend) == "fused"

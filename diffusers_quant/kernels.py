@@ -464,8 +464,8 @@ def nncf(
 GGML_TYPES = {"Q8_0": (0, 34), "Q4_0": (1, 18), "Q4_1": (2, 20), "Q5_0": (3, 22), "Q5_1": (4, 24)}
 K_TYPES = {"Q4_K": (0, 144), "Q5_K": (1, 176), "Q6_K": (2, 210)}
 # Blocks per program, from a sweep of the launch shapes on the H200 (benchmarks/probe_decode.py,
-# results/nvidia-h200/session9-probe-decode-*.json): 4,096 elements a program fed the memory best for the
-# 32-element types and Q4_K / Q5_K, 2,048 for Q6_K.
+# results/nvidia-h200/session9/probe-decode-after-*.json): 4,096 elements a program fed the memory best
+# for the 32-element types and Q4_K / Q5_K, 2,048 for Q6_K.
 GGML_ROWS = 128
 K_ROWS = {"Q4_K": 16, "Q5_K": 16, "Q6_K": 8}
 

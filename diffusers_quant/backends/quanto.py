@@ -252,9 +252,10 @@ def fused_linear(input, weight, bias=None):
     fused kernels, quanto's activation quantization, mixed dtypes).
 
     Where the fused kernels run (CUDA) the dequantization is one kernel (``fused.py``); inside a compiled
-    region an 8-bit weight's kernel is one opaque op of the region's graph (``quanto_ops.py``; 2/4-bit
-    weights' decode is traced into the graph, and Inductor writes its kernel; quanto's own ops ran 1.2-1.5x compiled bf16
-    on the H200: compile traces with fake tensors, which therefore take this path too); on the CPU it is the same pure-torch dequantization and one matmul,
+    region an 8-bit weight's kernel is one opaque op of the region's graph (``quanto_ops.py``; a 2/4-bit
+    weight's decode is traced into the graph, and Inductor writes its kernel; quanto's own ops ran
+    1.2-1.5x compiled bf16 on the H200: compile traces with fake tensors, which therefore take this path
+    too); on the CPU it is the same pure-torch dequantization and one matmul,
     without quanto's per-call dispatch and, for int8, its int8 weight-only kernel: a matrix-vector kernel
     that took 5.3x the bf16 matmul at 288 tokens here (373 against 70 us, a 128 x 512 layer; 11x at
     3072 x 3072). With the reference forced an int8 weight quanto would send to that kernel with an
@@ -275,11 +276,12 @@ def fused_linear(input, weight, bias=None):
     elif path == "cpu":
         bytes_weight, bits_weight = _cpu_bytes_weight, _bits_weight
     elif path == "traced":
+        from ..fused import kernel_in_graph
         from . import quanto_ops
 
         # 8-bit: the kernel as one opaque op of the graph; 2/4-bit (and off a kernel device) the decode traced
         # into the graph, where Inductor writes its kernel (quanto_ops.py says which was faster)
-        in_graph = quanto_ops.kernel_in_graph(input.device.type)
+        in_graph = kernel_in_graph(input.device.type, "quanto")
         bytes_weight = quanto_ops.bytes_weight if in_graph else _bytes_weight
         bits_weight = _bits_weight
     elif _overruns_int8_kernel(input, weight):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..fused import fused_backends, reference_forced
 
 
 @torch.library.custom_op("diffusers_quant::quanto_bytes_weight", mutates_args=())
@@ -30,12 +29,3 @@ def bytes_weight(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 @bytes_weight.register_fake
 def _(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return data.new_empty(data.shape, dtype=scale.dtype)
-
-
-@torch.compiler.assume_constant_result
-def kernel_in_graph(device_type: str) -> bool:
-    """Whether a compiled graph decodes 8-bit quanto weights on ``device_type`` with the op (asked once per
-    trace): a kernel device with Triton, quanto fused (``DIFFUSERS_QUANT_FUSED``), the reference not forced."""
-    if device_type not in kernels.KERNEL_DEVICES:
-        return False
-    return "quanto" in fused_backends() and not reference_forced() and kernels.have_triton(device_type)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import kernels
-from ...fused import fast_path_wanted, fused, fused_backends, reference_forced
+from ...fused import fast_path_wanted, fused, kernel_in_graph
 from .dequant import (
     _COMPUTE_DTYPE_TYPES,
     DEQUANTIZERS,
@@ -76,16 +76,6 @@ def ggml_decode(blocks: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.T
 @ggml_decode.register_fake
 def _(blocks: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
     return blocks.new_empty((blocks.shape[0], block_info(qtype)[0]), dtype=dtype)
-
-
-@torch.compiler.assume_constant_result
-def _kernel_in_graph(device_type: str, qtype: str, dtype: torch.dtype) -> bool:
-    """Whether a compiled graph decodes ``qtype`` with :func:`ggml_decode` (asked once per trace, so the
-    environment and Triton lookups stay out of the graph): a kernel device with Triton, a type and dtype
-    the kernel covers, GGUF fused (``DIFFUSERS_QUANT_FUSED``) and the reference not forced."""
-    if device_type not in kernels.KERNEL_DEVICES or not kernels.covers_ggml(qtype, dtype):
-        return False
-    return "gguf" in fused_backends() and not reference_forced() and kernels.have_triton(device_type)
 
 
 def _as_bytes(raw: torch.Tensor) -> torch.Tensor:
@@ -295,7 +285,7 @@ class GGUFLinear(nn.Module):
         if self._fusable and torch.compiler.is_compiling():
             # traced into the caller's graph; no type lookups here (dynamo breaks on the ggml enum's)
             blocks = self.weight.reshape(-1, self._type_size)
-            if _kernel_in_graph(x.device.type, self._qtype, dtype):
+            if kernels.covers_ggml(self._qtype, dtype) and kernel_in_graph(x.device.type, "gguf"):
                 w = ggml_decode(blocks, self._qtype, dtype)
             else:
                 w = _decode(self._qtype, blocks, dtype)
