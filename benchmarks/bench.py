@@ -642,6 +642,59 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
     return out.detach().float().cpu(), figures
 
 
+def step_paths(model, inputs: dict) -> dict[str, list[int]]:
+    """Which fused path the quantized layers took in one eager step: per fused function (fused.py's names,
+    e.g. ``gguf Q4_K``), ``[hand-written kernel calls, compiled-function calls]``; none for the reference."""
+    import torch
+
+    from diffusers_quant import fused
+
+    before = fused.path_counts()
+    with torch.no_grad():
+        model(**inputs, return_dict=False)
+    after = fused.path_counts()
+    deltas = {k: [a - b for a, b in zip(v, before.get(k, (0, 0)), strict=True)] for k, v in after.items()}
+    return {k: v for k, v in deltas.items() if any(v)}
+
+
+# CUDA runtime / driver calls a profile counts: launches, allocator calls, copies and the synchronising ones
+_RUNTIME_PREFIXES = ("cuda", "cuLaunch", "cuMem")
+
+
+def profile_step(model, inputs: dict, device: str, top: int = 15) -> dict:
+    """One step under torch.profiler: the CUDA runtime calls by count (cudaMalloc / cudaFree / a
+    synchronize in a steady step show a waiting row), the kernels taking the most device time, and the
+    host ops taking the most host time (self time, microseconds)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad():
+        model(**inputs, return_dict=False)  # warm: a compile or a first launch is not profiled
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            model(**inputs, return_dict=False)
+            if cuda:
+                torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    runtime = {e.key: e.count for e in events if e.key.startswith(_RUNTIME_PREFIXES)}
+    kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
+    host_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "runtime_calls": dict(sorted(runtime.items(), key=lambda kv: -kv[1])),
+        "host_self_us": round(sum(e.self_cpu_time_total for e in events), 1),
+        "device_self_us": round(sum(device_us(e) for e in events), 1),
+        "top_kernels": [[e.key[:90], e.count, round(device_us(e), 1)] for e in kernels[:top]],
+        "top_host_ops": [[e.key[:90], e.count, round(e.self_cpu_time_total, 1)] for e in host_ops[:top]],
+    }
+
+
 def _allocator_counts() -> dict[str, int]:
     import torch
 
@@ -725,6 +778,9 @@ def run_worker(job: dict) -> dict:
     out, steps = time_steps(model, inputs, defn, job["device"])
     result.update(steps)
     result.update(compare(out, job))
+    result["fused_paths_per_step"] = step_paths(model, inputs)
+    if job.get("profile"):
+        result["profile"] = profile_step(model, inputs, job["device"])
     if job.get("compiled"):
         result.update(compiled_steps(model, inputs, defn, job))
     return result
@@ -752,6 +808,8 @@ def compiled_steps(model, inputs: dict, defn: ModelDef, job: dict) -> dict:
     }
     if Path(job["ref"]).exists():
         figures["compiled_rel_l2"] = _rel_l2(out, Path(job["ref"]))
+    if job.get("profile"):
+        figures["compiled_profile"] = profile_step(model, inputs, job["device"])
     return figures
 
 
@@ -954,6 +1012,7 @@ def _job(run: Run, row: Row, gguf: Path | None) -> dict:
         "steps": defn.steps,
         "threads": run.args.threads,
         "compiled": bool(getattr(run.args, "compiled", False)),
+        "profile": bool(getattr(run.args, "profile", False)),
     }
 
 
@@ -1432,6 +1491,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compiled",
         action="store_true",
         help="also time each row with its blocks compiled (compile_repeated_blocks), against compiled bf16",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one eager (and compiled) step of each row: runtime calls, top kernels, host ops",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--build", help=argparse.SUPPRESS)

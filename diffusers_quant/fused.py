@@ -31,10 +31,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor  # loaded by `import torch` already
-from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import kernels
+from .kernels import tracing  # re-exported: the backends ask fused.tracing
 
 REFERENCE_ENV = "DIFFUSERS_QUANT_REFERENCE"
 FUSED_ENV = "DIFFUSERS_QUANT_FUSED"
@@ -49,7 +48,6 @@ FUSED_DEVICES = {"cuda"}
 RECOMPILE_LIMIT = 64
 
 F = TypeVar("F", bound=Callable)
-_TRACING_TENSORS = (FakeTensor, FunctionalTensor)
 
 
 def reference_forced() -> bool:
@@ -89,13 +87,6 @@ def fused_backends() -> frozenset[str]:
     return names
 
 
-def tracing(t: torch.Tensor) -> bool:
-    """Whether ``t`` flows through ``torch.compile``'s tracing: inside a compiled region, or one of the fake /
-    functional stand-ins it runs an op with (dynamo runs a call it does not inline, such as a tensor
-    subclass's ``__torch_function__``, on fake tensors, where torch 2.11 does not report compiling)."""
-    return torch.compiler.is_compiling() or isinstance(t, _TRACING_TENSORS)
-
-
 def _compiles_here(t: torch.Tensor) -> bool:
     """On a fused device, with a compiler, not forced off, and not being traced (then the plain ops go into
     the region's graph and fuse with it)."""
@@ -133,19 +124,26 @@ def fast_path_wanted(t: torch.Tensor, backend: str) -> bool:
     return fast_path(t, backend) == "fused"
 
 
-def fused(fn: F, kernel: Callable | None = None) -> F:
+_RUNNERS: dict[str, Callable] = {}  # every fused function by name, for path_counts
+
+
+def path_counts() -> dict[str, tuple[int, int]]:
+    """``(hand-written kernel calls, compiled-function calls)`` of every fused function so far, by name: a
+    benchmark takes the difference across a step to see which path its layers took."""
+    return {name: (run.kernel_calls, run.fused_calls) for name, run in _RUNNERS.items()}
+
+
+def fused(fn: F, kernel: Callable | None = None, name: str | None = None) -> F:
     """``fn`` (tensors in, one tensor out) run fast where its first argument is on a fused device (outside
     compiled regions, unless the reference is forced), else as it is. Fast means ``kernel`` (a hand-written
     Triton kernel with ``fn``'s arguments, ``kernels.py``) where Triton runs and the kernel covers the
     arguments (it returns None where not), else ``fn`` compiled: lazily, one static graph per shape (up to
-    ``RECOMPILE_LIMIT``; past it dynamo runs the function as it is)."""
+    ``RECOMPILE_LIMIT``; past it dynamo runs the function as it is). ``name`` (default: ``fn``'s) is the
+    key of :func:`path_counts`."""
     compiled = None
 
-    @functools.wraps(fn)
-    def run(first, *args, **kwargs):
+    def fast(first, *args, **kwargs):
         nonlocal compiled
-        if not _compiles_here(first):
-            return fn(first, *args, **kwargs)
         if kernel is not None and kernels.available(first):
             out = kernel(first, *args, **kwargs)
             if out is not None:
@@ -157,7 +155,16 @@ def fused(fn: F, kernel: Callable | None = None) -> F:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(first, *args, **kwargs)
 
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        if not _compiles_here(first):
+            return fn(first, *args, **kwargs)
+        return fast(first, *args, **kwargs)
+
+    # for a caller whose fast_path(first, ...) said "fused" already: the same, without asking again
+    run.fast = fast
     # how often the hand-written kernel / the compiled function ran (tests check which path was taken)
     run.kernel_calls = 0
     run.fused_calls = 0
+    _RUNNERS[name or fn.__qualname__] = run
     return run  # type: ignore[return-value]

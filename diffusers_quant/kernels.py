@@ -20,6 +20,8 @@ import os
 from types import SimpleNamespace
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor  # loaded by `import torch` already
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 # Devices whose tensors take the hand-written kernels (tests add "cpu": Triton's interpreter).
 KERNEL_DEVICES = {"cuda"}
@@ -41,6 +43,17 @@ def have_triton(device_type: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+_TRACING_TENSORS = (FakeTensor, FunctionalTensor)
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """Whether ``t`` flows through ``torch.compile``'s tracing: inside a compiled region, or one of the fake /
+    functional stand-ins it runs an op with (dynamo runs a call it does not inline, such as a tensor
+    subclass's ``__torch_function__``, on fake tensors, where torch 2.11 does not report compiling; and a
+    ``triton_op`` is decomposed into a graph on functional ones)."""
+    return torch.compiler.is_compiling() or isinstance(t, _TRACING_TENSORS)
 
 
 def available(t: torch.Tensor) -> bool:
@@ -335,7 +348,10 @@ def _define() -> SimpleNamespace:
     )
 
 
-def _kernels(t: torch.Tensor) -> SimpleNamespace:
+def _kernels(t: torch.Tensor) -> SimpleNamespace | None:
+    """The kernels for ``t``'s device; None while ``t`` is traced off CUDA (the interpreter needs real data)."""
+    if t.device.type != "cuda" and tracing(t):
+        return None
     return _build(t.device.type != "cuda")
 
 
@@ -362,6 +378,11 @@ def _launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, 
     """``kernel[grid](*args, **constexprs)``, through the compiled handle on CUDA once the JIT compiled it."""
     global _handles_work
     options = {} if num_warps is None else {"num_warps": num_warps}
+    if tracing(args[0]):
+        # a triton_op decomposed into a compiled graph (gguf/nn.py, quanto_ops.py): the launch goes into the
+        # graph, and Inductor's generated code makes it (no op dispatch, no Python of ours per call)
+        torch.library.wrap_triton(kernel)[grid](*args, **constexprs, **options)
+        return
     if not _handles_work or args[0].device.type not in HANDLE_DEVICES:
         kernel[grid](*args, **constexprs, **options)
         return
@@ -399,6 +420,8 @@ def quanto_bytes(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None
     if scale.dtype not in _OUT_DTYPES or not scale.is_contiguous():
         return None
     k = _kernels(data)
+    if k is None:
+        return None
     out = torch.empty(data.shape, dtype=scale.dtype, device=data.device)
     rows, cols = data.shape
     block = _block(cols)
@@ -423,6 +446,8 @@ def quanto_bits(
     if group & (group - 1):  # a program covers one packed row: a power-of-two width
         return None
     k = _kernels(packed)
+    if k is None:
+        return None
     out = torch.empty((rows, cols), dtype=scale.dtype, device=packed.device)
     _launch(
         k.quanto_bits, (_cdiv(packed.shape[0], ROWS),),
@@ -448,6 +473,8 @@ def nncf(
     if zero_point is not None and not zero_point.is_contiguous():
         return None
     k = _kernels(weight)
+    if k is None:
+        return None
     out = torch.empty((rows, cols), dtype=dtype, device=weight.device)
     half_scale = scale.view(torch.float16)
     block = _block(cols)
@@ -476,9 +503,10 @@ def covers_ggml(qtype: str, dtype: torch.dtype) -> bool:
 
 
 def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """ggml blocks (``uint8`` ``[n_blocks, type_size]``) of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K /
-    Q6_K decoded in a 16-bit ``dtype`` as the GGUF forward's reference does (other types and float32
-    output: None)."""
+    """ggml blocks of Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K decoded in a 16-bit ``dtype`` as
+    the GGUF forward's reference does (other types and float32 output: None). ``blocks``: ``uint8``
+    ``[rows, k * type_size]`` (``[n_blocks, type_size]``, or a weight's packed rows), decoded to
+    ``[rows, k * block elements]``."""
     if qtype in GGML_TYPES:
         (kind, type_size), width, rows = GGML_TYPES[qtype], 32, GGML_ROWS
     elif qtype in K_TYPES:
@@ -487,11 +515,14 @@ def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
         return None
     if not covers_ggml(qtype, dtype) or not blocks.is_contiguous():
         return None
-    if blocks.dtype != torch.uint8 or blocks.shape[-1] != type_size:
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % type_size:
         return None
     k = _kernels(blocks)
-    n = blocks.shape[0]
-    out = torch.empty((n, width), dtype=dtype, device=blocks.device)
+    if k is None:
+        return None
+    per_row = blocks.shape[1] // type_size
+    n = blocks.shape[0] * per_row
+    out = torch.empty((blocks.shape[0], per_row * width), dtype=dtype, device=blocks.device)
     kernel = k.ggml_blocks if width == 32 else k.k_blocks
     halves = blocks.view(torch.float16)  # the fp16 scales read in place: type sizes and offsets are even
     _launch(kernel, (_cdiv(n, rows),), blocks, halves, out, n, TYPE=kind, TYPE_SIZE=type_size, ROWS=rows)
@@ -509,6 +540,8 @@ def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
     if x.dim() != 2 or not x.is_contiguous() or x.dtype not in _OUT_DTYPES or x.shape[1] > MAX_ROW:
         return None
     k = _kernels(x)
+    if k is None:
+        return None
     rows, cols = x.shape
     fp8 = kind == "fp8"
     codes = torch.empty(x.shape, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
@@ -535,6 +568,8 @@ def scale_int_mm(
     if w_scale.dtype != torch.float32 or (bias is not None and not bias.is_contiguous()):
         return None
     k = _kernels(acc)
+    if k is None:
+        return None
     rows, cols = acc.shape
     out = torch.empty((rows, cols), dtype=dtype, device=acc.device)
     if rows:

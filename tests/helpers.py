@@ -40,8 +40,8 @@ def rel_l2(a, b) -> float:
 
 
 def compiled_graph_ops(module, x, fullgraph: bool = False):
-    """``module(x)`` compiled, and the ops of the graphs AOTAutograd hands the compiler (which ops a
-    compiled quantized layer runs)."""
+    """``module(x)`` compiled, and the ops of its graphs: dynamo's (where our ops appear by name) and the ones
+    AOTAutograd hands the compiler (where a ``triton_op`` is already decomposed: which ops the layer runs)."""
     import torch
     from torch._dynamo.backends.common import aot_autograd
 
@@ -51,5 +51,11 @@ def compiled_graph_ops(module, x, fullgraph: bool = False):
         ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm
 
+    aot = aot_autograd(fw_compiler=record)
+
+    def backend(gm, inputs):
+        record(gm, inputs)
+        return aot(gm, inputs)
+
     torch._dynamo.reset()
-    return torch.compile(module, backend=aot_autograd(fw_compiler=record), fullgraph=fullgraph)(x), ops
+    return torch.compile(module, backend=backend, fullgraph=fullgraph)(x), ops

@@ -217,7 +217,7 @@ def decompress_cpu(
 
 @functools.cache
 def _fused_decompress():
-    return fused(decompress, kernels.nncf)
+    return fused(decompress, kernels.nncf, "nncf")
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -345,14 +345,19 @@ class NNCFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        bias = self.bias.to(dtype) if self.bias is not None else None
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         # on CUDA one fused kernel reads the packed weight (fused.py); eager on the CPU float32 steps; in a
         # compiled region the reference is traced (Inductor fuses it)
         path = fast_path(x, "nncf")
-        decode = _fused_decompress() if path == "fused" else decompress_cpu if path == "cpu" else decompress
+        decode = (
+            _fused_decompress().fast if path == "fused" else decompress_cpu if path == "cpu" else decompress
+        )
         weight = decode(*self._pieces(), dtype)
-        out = F.linear(x.to(dtype), weight, bias)
-        return out.to(x.dtype)
+        if x.dtype == dtype:  # the common case, without two no-op conversions' host time
+            return F.linear(x, weight, bias)
+        return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -243,7 +243,10 @@ def _fused_weights():
     from .. import kernels
     from ..fused import fused
 
-    return fused(_bytes_weight, kernels.quanto_bytes), fused(_bits_weight, kernels.quanto_bits)
+    return (
+        fused(_bytes_weight, kernels.quanto_bytes, "quanto 8-bit"),
+        fused(_bits_weight, kernels.quanto_bits, "quanto 2/4-bit"),
+    )
 
 
 def fused_linear(input, weight, bias=None):
@@ -272,7 +275,7 @@ def fused_linear(input, weight, bias=None):
         return None  # quanto adds such a bias after the matmul, promoting the output: leave it that
     path = fast_path(input, "quanto")
     if path == "fused":
-        bytes_weight, bits_weight = _fused_weights()
+        bytes_weight, bits_weight = (run.fast for run in _fused_weights())
     elif path == "cpu":
         bytes_weight, bits_weight = _cpu_bytes_weight, _bits_weight
     elif path == "traced":

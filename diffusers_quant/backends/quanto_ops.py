@@ -1,4 +1,4 @@
-"""quanto's 8-bit weight decode as one opaque op of a compiled graph: the hand-written kernel in compiled models.
+"""quanto's 8-bit weight decode as one op of a compiled graph: the hand-written kernel in compiled models.
 
 Traced into a compiled block, quanto's dequantization becomes Inductor's own kernel; as an op, the graph
 runs ``kernels.quanto_bytes`` (where it declines a layout, the reference decode), whose output is the eager
@@ -15,17 +15,13 @@ import torch
 from .. import kernels
 
 
-@torch.library.custom_op("diffusers_quant::quanto_bytes_weight", mutates_args=())
+@torch.library.triton_op("diffusers_quant::quanto_bytes_weight", mutates_args=())
 def bytes_weight(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """An 8-bit weight (int8 / float8 codes ``[rows, cols]``, one scale a row): ``scale * q``."""
+    """An 8-bit weight (int8 / float8 codes ``[rows, cols]``, one scale a row): ``scale * q``. A
+    ``triton_op``: in a compiled graph Inductor's code launches the kernel (off CUDA the decode is traced)."""
     out = kernels.quanto_bytes(data, scale)
     if out is None:
         from .quanto import _bytes_weight
 
         out = _bytes_weight(data, scale)
     return out
-
-
-@bytes_weight.register_fake
-def _(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return data.new_empty(data.shape, dtype=scale.dtype)

@@ -256,16 +256,25 @@ def test_cuda_peak_stays_near_the_result_for_flux_largest_linear(qtype):
 
 @pytest.mark.parametrize("qtype", ["qint8", "qfloat8", "qint4", "qint2"])
 def test_compiled_layer_decodes_8_bit_weights_with_the_hand_written_kernel(qtype, monkeypatch):
-    """Inside a compiled graph an 8-bit quanto weight is decoded by one opaque op that launches the
-    hand-written kernel (Triton's interpreter here), its output the eager kernel path's bit for bit; a
-    2/4-bit weight's decode is traced (Inductor's kernel was faster there), as is every weight's with the
-    reference forced; outputs stay within rounding of each other."""
+    """Inside a compiled graph an 8-bit quanto weight is decoded by our op (a triton_op: on CUDA Inductor's
+    code launches the hand-written kernel, tested below; off CUDA it decomposes to the plain decode, so here
+    the graph shows only that decode: the op's calls while traced are counted instead); a 2/4-bit weight's
+    decode is traced (Inductor's kernel was faster there), as is every weight's with the reference forced;
+    outputs stay within rounding of each other."""
     from diffusers_quant import fused, kernels
 
     monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
     monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
     monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
     monkeypatch.setenv(fused.FUSED_ENV, "all")
+    traced_calls = []
+    kernel = kernels.quanto_bytes
+
+    def counted(data, scale):
+        traced_calls.append(kernels.tracing(data))
+        return kernel(data, scale)
+
+    monkeypatch.setattr(kernels, "quanto_bytes", counted)  # what the op calls (eager layers hold their own)
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 64).to(torch.bfloat16)
     layer = get_backend("quanto").quantize_linear(linear, Spec.parse(f"quanto:{qtype}"), torch.bfloat16)
@@ -273,13 +282,41 @@ def test_compiled_layer_decodes_8_bit_weights_with_the_hand_written_kernel(qtype
     with torch.no_grad():
         eager = layer(x)  # the hand-written kernel, eager
         got, ops = compiled_graph_ops(layer, x)
+        in_graph = list(traced_calls)
         monkeypatch.setenv(fused.REFERENCE_ENV, "1")
         want, reference_ops = compiled_graph_ops(layer, x)
-    ours = {op for op in ops if op.startswith("diffusers_quant")}
-    if qtype in ("qint8", "qfloat8"):
-        assert ours == {"diffusers_quant.quanto_bytes_weight.default"}, ops
-        assert torch.equal(got, eager)
-    else:
-        assert not ours, ops
-    assert not any(op.startswith("diffusers_quant") for op in reference_ops), reference_ops
+    assert (True in in_graph) == (qtype in ("qint8", "qfloat8")), in_graph
+    assert len(traced_calls) == len(in_graph)  # none with the reference forced
+    assert not any(op.startswith("diffusers_quant") for op in ops | reference_ops)
     assert _err(got, want) < 1e-2 and _err(got, eager) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["qint8", "qfloat8"])
+def test_compiled_graph_launches_the_8_bit_kernel_from_inductors_code_on_cuda(qtype, monkeypatch):
+    """On CUDA the 8-bit op is no opaque call in the compiled code: Inductor's code launches the
+    hand-written kernel itself, and the decoded weight equals the eager kernel's bit for bit."""
+    from torch._inductor.utils import run_and_get_code
+
+    from diffusers_quant import fused, kernels
+    from diffusers_quant.backends.quanto_ops import bytes_weight
+
+    monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(fused.FUSED_ENV, "all")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128).to(torch.bfloat16)
+    layer = get_backend("quanto").quantize_linear(linear, Spec.parse(f"quanto:{qtype}"), torch.bfloat16)
+    layer = layer.to("cuda")
+    x = torch.randn(4, 64, 256, dtype=torch.bfloat16, device="cuda")
+    with torch._C.DisableTorchFunctionSubclass():
+        data, scale = layer.weight._data, layer.weight._scale
+    with torch.no_grad():
+        torch._dynamo.reset()
+        got, code = run_and_get_code(torch.compile(bytes_weight, fullgraph=True), data, scale)
+        assert torch.equal(got, kernels.quanto_bytes(data, scale))
+        eager = layer(x)
+        torch._dynamo.reset()
+        out, layer_code = run_and_get_code(torch.compile(layer), x)
+    for source in ("\n".join(code), "\n".join(layer_code)):
+        assert "grouped" in source and "quanto_bytes_weight" not in source, source[:2000]
+    assert _err(out, eager) < 1e-2

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor  # loaded by `import torch` already
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 # The byte layouts are little-endian; reinterpreting bytes with .view() relies on a little-endian host.
 if sys.byteorder != "little":  # pragma: no cover - no big-endian torch targets in practice
@@ -116,7 +118,11 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
 def _shifts(values: Sequence[int], shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """A small constant tensor on ``like``'s device, cached (no host-to-device copy per call on GPU)."""
+    """A small constant tensor on ``like``'s device, cached (no host-to-device copy per call on GPU); made
+    afresh while traced (a fake or functional tensor must not outlive its trace)."""
+    # kernels.tracing's test, written out: this module stands alone (torch and the standard library only)
+    if torch.compiler.is_compiling() or isinstance(like, (FakeTensor, FunctionalTensor)):
+        return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
     key = (tuple(values), tuple(shape), like.dtype, str(like.device))
     t = _CONSTANTS.get(key)
     if t is None:

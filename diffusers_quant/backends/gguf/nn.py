@@ -56,26 +56,26 @@ def _decode(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 @functools.cache
 def _fused_decoder(qtype: str):
     """:func:`_decode` for one ggml type, run fast on CUDA (fused.py: the hand-written kernel where it
-    covers the type, else compiled, one graph per type)."""
+    covers the type, else compiled, one graph per type). It takes ``[rows, k * type_size]`` bytes (a
+    weight's packed rows, or ``[n_blocks, type_size]``) to ``[rows, k * block elements]``."""
+    type_size = block_info(qtype)[1]
 
     def decode(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _decode(qtype, blocks, dtype)
+        return _decode(qtype, blocks.reshape(-1, type_size), dtype).reshape(blocks.shape[0], -1)
 
-    return fused(decode, functools.partial(kernels.ggml, qtype))  # None for the types it does not cover
+    # the kernel returns None for the types it does not cover
+    return fused(decode, functools.partial(kernels.ggml, qtype), f"gguf {qtype}")
 
 
-@torch.library.custom_op("diffusers_quant::ggml_decode", mutates_args=())
+@torch.library.triton_op("diffusers_quant::ggml_decode", mutates_args=())
 def ggml_decode(blocks: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
-    """The hand-written kernel's decode (``kernels.ggml``) as one opaque op of a compiled graph: Inductor's
-    own kernel for the traced block decode ran 1.4-2.1x a bf16 matmul per layer on the H200, the
-    hand-written one 1.15-1.31x (``benchmarks/results/nvidia-h200/session7-probe-gguf.json``)."""
+    """The hand-written kernel's decode (``kernels.ggml``) in a compiled graph: Inductor's own kernel for
+    the traced block decode ran 1.4-2.1x a bf16 matmul per layer on the H200, the hand-written one 1.15-1.31x
+    (``benchmarks/results/nvidia-h200/session7-probe-gguf.json``). A ``triton_op``: the graph holds the
+    kernel's launch itself, made by Inductor's code (an opaque op's Python cost ~64 us of host time a call,
+    ``session10``); off CUDA the decode is traced as plain ops."""
     out = kernels.ggml(qtype, blocks, dtype)
     return _decode(qtype, blocks, dtype) if out is None else out
-
-
-@ggml_decode.register_fake
-def _(blocks: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
-    return blocks.new_empty((blocks.shape[0], block_info(qtype)[0]), dtype=dtype)
 
 
 def _as_bytes(raw: torch.Tensor) -> torch.Tensor:
@@ -291,14 +291,17 @@ class GGUFLinear(nn.Module):
                 w = _decode(self._qtype, blocks, dtype)
             w = w.reshape(self.weight_shape)
         elif self._fusable and fast_path_wanted(x, "gguf"):
-            # one kernel reads the packed bytes and writes the weight (fused.py)
-            blocks = self.weight.reshape(-1, self._type_size)
-            w = _fused_decoder(self._qtype)(blocks, dtype).reshape(self.weight_shape)
+            # one kernel reads the packed rows and writes the weight (fused.py)
+            w = _fused_decoder(self._qtype).fast(self.weight, dtype)
         else:
             w = dequantize(self.weight, self._qtype, self.weight_shape, dtype, exact=False)
-        b = None if self.bias is None else self.bias.to(dtype)
+        b = self.bias
+        if b is not None and b.dtype != dtype:
+            b = b.to(dtype)
+        if x.dtype == dtype:  # the common case, without two no-op conversions' host time
+            return F.linear(x, w, b)
         y = F.linear(x.to(dtype), w, b)
-        return y if y.dtype == x.dtype or not x.is_floating_point() else y.to(x.dtype)
+        return y if not x.is_floating_point() else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
