@@ -617,6 +617,8 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             before = _allocator_counts()
+        host_op = [host_op_us()]
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
         for _ in range(defn.steps):
             if cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -631,7 +633,13 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
                 start = time.perf_counter()
                 out = model(**inputs, return_dict=False)[0]
                 times.append((time.perf_counter() - start) * 1000)
+        cpu_s, wall_s = time.process_time() - cpu_start, time.perf_counter() - wall_start
+        host_op.append(host_op_us())
     figures: dict[str, Any] = {"step_ms": sorted(times)[len(times) // 2], "step_ms_all": times}
+    # the host's speed around the timed steps, and the process's CPU time over them (above 1: other
+    # threads of the process were busy too): an eager row's host issue time reads against these
+    figures["host_op_us"] = host_op
+    figures["process_cpu_over_wall_in_steps"] = cpu_s / wall_s
     if cuda:
         figures["gpu_step_peak"] = torch.cuda.max_memory_allocated() - base
         figures["host_issue_ms"] = sorted(issue)[len(issue) // 2]
@@ -693,6 +701,22 @@ def profile_step(model, inputs: dict, device: str, top: int = 15) -> dict:
         "top_kernels": [[e.key[:90], e.count, round(device_us(e), 1)] for e in kernels[:top]],
         "top_host_ops": [[e.key[:90], e.count, round(e.self_cpu_time_total, 1)] for e in host_ops[:top]],
     }
+
+
+def host_op_us(calls: int = 2000) -> float:
+    """The host's speed now: microseconds a call of a small CPU tensor op (the dispatcher-bound kind of host
+    work an eager step issues), the median of 5 rounds. Hosts shared with other work vary by 2-3x between
+    runs and within one, and a host-bound eager step with them."""
+    import torch
+
+    x = torch.ones(8)
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            x.add(1)
+        rounds.append((time.perf_counter() - start) * 1e6 / calls)
+    return round(sorted(rounds)[2], 3)
 
 
 def _allocator_counts() -> dict[str, int]:
@@ -1217,6 +1241,7 @@ def speed_table(rows: list[dict]) -> list[str]:
         "eager ms",
         "eager × bf16",
         "eager host issue ms",
+        "host op µs",
         "compiled ms",
         "compiled × bf16 eager",
         "compiled × bf16 compiled",
@@ -1230,7 +1255,8 @@ def speed_table(rows: list[dict]) -> list[str]:
         if "compiled_error" in r:
             lines.append(
                 f"| {r['id']} | {_num(r['step_ms'], '{:.2f}')} | {_num(r['step_ratio'])} | "
-                f"{_num(r.get('host_issue_ms'), '{:.2f}')} | failed: {_cell(r['compiled_error'])[:120]} ||||||"
+                f"{_num(r.get('host_issue_ms'), '{:.2f}')} | {_host_op(r)} | "
+                f"failed: {_cell(r['compiled_error'])[:120]} ||||||"
             )
             continue
         checks = r.get("speed_checks", {})
@@ -1239,6 +1265,7 @@ def speed_table(rows: list[dict]) -> list[str]:
             _num(r["step_ms"], "{:.2f}"),
             _num(r["step_ratio"], "{:.3f}"),
             _num(r.get("host_issue_ms"), "{:.2f}"),
+            _host_op(r),
             _num(r["compiled_step_ms"], "{:.2f}"),
             _num(r["compiled_vs_eager_bf16"], "{:.3f}"),
             _num(r["compiled_ratio"], "{:.3f}"),
@@ -1248,6 +1275,12 @@ def speed_table(rows: list[dict]) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _host_op(row: dict) -> str:
+    """The host's speed before / after the row's timed eager steps (``host_op_us``)."""
+    values = row.get("host_op_us")
+    return " / ".join(f"{v:.2f}" for v in values) if values else "-"
 
 
 def pairs_table(rows: list[dict]) -> list[str]:

@@ -139,7 +139,16 @@ def main() -> dict:
     with torch.no_grad():
         for fmt in sys.argv[1:] or FORMATS:
             layer = layer_for(fmt, linear)
-            row = {"forward_us": host_us(lambda layer=layer: layer(x)), **_launches(fmt, layer)}
+            # bf16's F.linear timed beside each format: the host's speed drifts within a run (2-3x on the
+            # shared GPU machine, session 10), so the ratio is the figure to compare
+            bf16 = host_us(lambda: F.linear(x, linear.weight, linear.bias))
+            forward = host_us(lambda layer=layer: layer(x))
+            row = {
+                "forward_us": forward,
+                "bf16_F_linear_beside_us": bf16,
+                "forward_over_bf16": forward / bf16,
+            }
+            row.update(_launches(fmt, layer))
             row["profile_top_us_per_call"] = profile_top(lambda layer=layer: layer(x))
             result[fmt] = row
     return result

@@ -360,45 +360,52 @@ def _kernels(t: torch.Tensor) -> SimpleNamespace | None:
 # benchmarks/results/nvidia-h200/session9/probe-host-handle.json). The key holds everything Triton 3
 # specializes a compile on, so a handle only ever runs arguments its compile was specialized for.
 HANDLE_DEVICES = {"cuda"}  # where launches go through handles (a test adds "cpu" with a stand-in kernel)
-_HANDLES: dict[tuple, object] = {}
+# key -> (the handle's launcher for the key's grid, the constexpr values in the kernel's argument order)
+_HANDLES: dict[tuple, tuple] = {}
 _handles_work = True  # cleared for good if this Triton's handles take arguments differently
 
 
-def _specialization(value: object) -> object:
-    if isinstance(value, torch.Tensor):  # the dtype and 16-byte alignment of a pointer argument
-        return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):  # 1 (a constant), a multiple of 16, 32 or 64 bits
-        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31
-    return value
+def _signature(args: tuple) -> list:
+    """What Triton specializes a compile on, per runtime argument: a pointer's dtype and 16-byte alignment,
+    an int's being 1 (a constant), a multiple of 16, 32 or 64 bits; other values as they are."""
+    spec: list = []
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            spec += (value.dtype, value.data_ptr() % 16 == 0)
+        elif type(value) is int:
+            spec += (value == 1, value % 16 == 0, -(2**31) <= value < 2**31)
+        else:
+            spec.append(value)
+    return spec
 
 
 def _launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, **constexprs) -> None:
     """``kernel[grid](*args, **constexprs)``, through the compiled handle on CUDA once the JIT compiled it."""
     global _handles_work
-    options = {} if num_warps is None else {"num_warps": num_warps}
-    if tracing(args[0]):
+    if isinstance(args[0], _TRACING_TENSORS):
         # a triton_op decomposed into a compiled graph (gguf/nn.py, quanto_ops.py): the launch goes into the
         # graph, and Inductor's generated code makes it (no op dispatch, no Python of ours per call)
+        options = {} if num_warps is None else {"num_warps": num_warps}
         torch.library.wrap_triton(kernel)[grid](*args, **constexprs, **options)
         return
     if not _handles_work or args[0].device.type not in HANDLE_DEVICES:
-        kernel[grid](*args, **constexprs, **options)
+        kernel[grid](*args, **constexprs, **({} if num_warps is None else {"num_warps": num_warps}))
         return
-    key = (kernel, args[0].device.index, num_warps, *map(_specialization, args), *constexprs.items())
-    handle = _HANDLES.get(key)
-    if handle is None:
+    key = (kernel, grid, args[0].device.index, num_warps, *constexprs.items(), *_signature(args))
+    entry = _HANDLES.get(key)
+    if entry is None:
+        options = {} if num_warps is None else {"num_warps": num_warps}
         compiled = kernel[grid](*args, **constexprs, **options)
         if compiled is not None and hasattr(compiled, "__getitem__"):
-            _HANDLES[key] = compiled
+            tail = tuple(constexprs[name] for name in kernel.arg_names[len(args) :])
+            _HANDLES[key] = (compiled[(*grid, 1, 1)[:3]], tail)
         return
-    full = (*args, *(constexprs[name] for name in kernel.arg_names[len(args) :]))
+    launcher, tail = entry
     try:
-        handle[(*grid, 1, 1)[:3]](*full)
+        launcher(*args, *tail)
     except (TypeError, AttributeError, IndexError):  # raised while binding, before any launch
         _handles_work = False
-        kernel[grid](*args, **constexprs, **options)
+        kernel[grid](*args, **constexprs, **({} if num_warps is None else {"num_warps": num_warps}))
 
 
 def _cdiv(n: int, d: int) -> int:
@@ -497,9 +504,17 @@ GGML_ROWS = 128
 K_ROWS = {"Q4_K": 16, "Q5_K": 16, "Q6_K": 8}
 
 
+# qtype -> (kernel TYPE, bytes a block, elements a block, blocks a program)
+_GGML_PLANS = {
+    **{qtype: (kind, size, 32, GGML_ROWS) for qtype, (kind, size) in GGML_TYPES.items()},
+    **{qtype: (kind, size, 256, K_ROWS[qtype]) for qtype, (kind, size) in K_TYPES.items()},
+}
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def covers_ggml(qtype: str, dtype: torch.dtype) -> bool:
     """Whether :func:`ggml` decodes ``qtype`` blocks to ``dtype`` (given contiguous uint8 blocks)."""
-    return (qtype in GGML_TYPES or qtype in K_TYPES) and dtype in (torch.bfloat16, torch.float16)
+    return qtype in _GGML_PLANS and dtype in _HALF_DTYPES
 
 
 def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -507,25 +522,22 @@ def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
     the GGUF forward's reference does (other types and float32 output: None). ``blocks``: ``uint8``
     ``[rows, k * type_size]`` (``[n_blocks, type_size]``, or a weight's packed rows), decoded to
     ``[rows, k * block elements]``."""
-    if qtype in GGML_TYPES:
-        (kind, type_size), width, rows = GGML_TYPES[qtype], 32, GGML_ROWS
-    elif qtype in K_TYPES:
-        (kind, type_size), width, rows = K_TYPES[qtype], 256, K_ROWS[qtype]
-    else:
+    plan = _GGML_PLANS.get(qtype)
+    if plan is None or dtype not in _HALF_DTYPES or blocks.dtype != torch.uint8 or blocks.dim() != 2:
         return None
-    if not covers_ggml(qtype, dtype) or not blocks.is_contiguous():
-        return None
-    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % type_size:
+    kind, type_size, width, per_program = plan
+    per_row, rest = divmod(blocks.shape[1], type_size)
+    if rest or not blocks.is_contiguous():
         return None
     k = _kernels(blocks)
     if k is None:
         return None
-    per_row = blocks.shape[1] // type_size
     n = blocks.shape[0] * per_row
     out = torch.empty((blocks.shape[0], per_row * width), dtype=dtype, device=blocks.device)
     kernel = k.ggml_blocks if width == 32 else k.k_blocks
     halves = blocks.view(torch.float16)  # the fp16 scales read in place: type sizes and offsets are even
-    _launch(kernel, (_cdiv(n, rows),), blocks, halves, out, n, TYPE=kind, TYPE_SIZE=type_size, ROWS=rows)
+    grid = ((n + per_program - 1) // per_program,)
+    _launch(kernel, grid, blocks, halves, out, n, TYPE=kind, TYPE_SIZE=type_size, ROWS=per_program)
     return out
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import kernels
-from ...fused import fast_path_wanted, fused, kernel_in_graph
+from ...fused import fast_path, fused, kernel_in_graph
 from .dequant import (
     _COMPUTE_DTYPE_TYPES,
     DEQUANTIZERS,
@@ -290,7 +290,7 @@ class GGUFLinear(nn.Module):
             else:
                 w = _decode(self._qtype, blocks, dtype)
             w = w.reshape(self.weight_shape)
-        elif self._fusable and fast_path_wanted(x, "gguf"):
+        elif self._fusable and fast_path(x, "gguf") == "fused":
             # one kernel reads the packed rows and writes the weight (fused.py)
             w = _fused_decoder(self._qtype).fast(self.weight, dtype)
         else:
