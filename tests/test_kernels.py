@@ -266,6 +266,10 @@ def test_handle_launches_decode_as_the_jit_does_on_cuda(qtype, kernels_here, mon
     for blocks in cases:
         for _ in range(2):
             _same(kernels.ggml(qtype, blocks, torch.bfloat16), DEQUANTIZERS[qtype](blocks, torch.bfloat16))
-    # one compile per specialization (16-byte aligned or not, a multiple of 16 blocks or not), then handles
-    specializations = {(b.data_ptr() % 16 == 0, b.shape[0] % 16 == 0) for b in cases}
-    assert kernels._handles_work and len(kernels._HANDLES) == len(specializations)
+    # one JIT launch per specialization (16-byte aligned or not, a multiple of 16 blocks or not) and grid,
+    # then the handle's launcher
+    per_program = kernels._GGML_PLANS[qtype][3]
+    signatures = {
+        (b.data_ptr() % 16 == 0, b.shape[0] % 16 == 0, -(-b.shape[0] // per_program)) for b in cases
+    }
+    assert kernels._handles_work and len(kernels._HANDLES) == len(signatures)
