@@ -17,7 +17,9 @@ hand-written kernel instead (``kernels.py``: one launch), and the compiled funct
 ``DIFFUSERS_QUANT_FUSED=all | none | <backend>,...`` chooses.
 
 Inside a model that is itself compiled (``compile_repeated_blocks``) the plain function is traced into the
-block's graph instead (every backend: there fusion costs nothing per call). Eager on the CPU a backend may
+block's graph instead (there fusion costs nothing per call), except where the hand-written kernel beat
+Inductor's own on CUDA (GGUF's covered types, quanto's 8-bit weights): there the graph holds that kernel, as
+a ``triton_op`` launched by Inductor's code (:func:`kernel_in_graph`). Eager on the CPU a backend may
 take its own faster pure-torch decode, bit for bit its reference (quanto's float8 codes, NNCF's float32
 steps); elsewhere, or with ``DIFFUSERS_QUANT_REFERENCE=1``, the function runs as it is: the pure-torch
 reference the fused kernels are tested against. :func:`fast_path` names which of these a layer takes.
@@ -125,7 +127,7 @@ def fast_path(t: torch.Tensor, backend: str) -> str | None:
 
 @torch.compiler.assume_constant_result
 def kernel_in_graph(device_type: str, backend: str) -> bool:
-    """Whether a compiled graph runs ``backend``'s hand-written kernel as one opaque op on ``device_type``
+    """Whether a compiled graph runs ``backend``'s hand-written kernel (our ``triton_op``) on ``device_type``
     (asked once per trace, so the environment and Triton lookups stay out of the graph): a kernel device
     with Triton, the backend fused (``DIFFUSERS_QUANT_FUSED``) and the reference not forced."""
     if device_type not in kernels.KERNEL_DEVICES:

@@ -255,7 +255,7 @@ def fused_linear(input, weight, bias=None):
     fused kernels, quanto's activation quantization, mixed dtypes).
 
     Where the fused kernels run (CUDA) the dequantization is one kernel (``fused.py``); inside a compiled
-    region an 8-bit weight's kernel is one opaque op of the region's graph (``quanto_ops.py``; a 2/4-bit
+    region an 8-bit weight's kernel is one op of the region's graph (a ``triton_op``, ``quanto_ops.py``; a 2/4-bit
     weight's decode is traced into the graph, and Inductor writes its kernel; quanto's own ops ran
     1.2-1.5x compiled bf16 on the H200: compile traces with fake tensors, which therefore take this path
     too); on the CPU it is the same pure-torch dequantization and one matmul,
@@ -282,7 +282,7 @@ def fused_linear(input, weight, bias=None):
         from ..fused import kernel_in_graph
         from . import quanto_ops
 
-        # 8-bit: the kernel as one opaque op of the graph; 2/4-bit (and off a kernel device) the decode traced
+        # 8-bit: the kernel in the graph (a triton_op); 2/4-bit (and off a kernel device) the decode traced
         # into the graph, where Inductor writes its kernel (quanto_ops.py says which was faster)
         in_graph = kernel_in_graph(input.device.type, "quanto")
         bytes_weight = quanto_ops.bytes_weight if in_graph else _bytes_weight

@@ -72,8 +72,8 @@ def ggml_decode(blocks: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.T
     """The hand-written kernel's decode (``kernels.ggml``) in a compiled graph: Inductor's own kernel for
     the traced block decode ran 1.4-2.1x a bf16 matmul per layer on the H200, the hand-written one 1.15-1.31x
     (``benchmarks/results/nvidia-h200/session7-probe-gguf.json``). A ``triton_op``: the graph holds the
-    kernel's launch itself, made by Inductor's code (an opaque op's Python cost ~64 us of host time a call,
-    ``session10``); off CUDA the decode is traced as plain ops."""
+    kernel's launch itself, made by Inductor's code (as an opaque op its Python cost 64-82 us of host time a
+    call, ``session10/run1``); off CUDA the decode is traced as plain ops."""
     out = kernels.ggml(qtype, blocks, dtype)
     return _decode(qtype, blocks, dtype) if out is None else out
 
