@@ -689,7 +689,8 @@ def profile_step(model, inputs: dict, device: str, top: int = 15) -> dict:
     events = prof.key_averages()
 
     def device_us(e) -> float:
-        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        value = getattr(e, "self_device_time_total", None)  # older torch: self_cuda_time_total
+        return float(getattr(e, "self_cuda_time_total", 0.0) if value is None else value)
 
     runtime = {e.key: e.count for e in events if e.key.startswith(_RUNTIME_PREFIXES)}
     kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
@@ -1256,7 +1257,7 @@ def speed_table(rows: list[dict]) -> list[str]:
             lines.append(
                 f"| {r['id']} | {_num(r['step_ms'], '{:.2f}')} | {_num(r['step_ratio'])} | "
                 f"{_num(r.get('host_issue_ms'), '{:.2f}')} | {_host_op(r)} | "
-                f"failed: {_cell(r['compiled_error'])[:120]} ||||||"
+                f"failed: {_cell(r['compiled_error'])[:120]} |||||||"
             )
             continue
         checks = r.get("speed_checks", {})

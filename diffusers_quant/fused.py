@@ -55,7 +55,9 @@ F = TypeVar("F", bound=Callable)
 # Every quantized layer call reads the two settings: straight from os.environ's own dict (its keys and
 # values encoded as the platform keeps them) they cost ~0.1 us a read against ~1.8 through the mapping.
 _ENVIRON = getattr(os.environ, "_data", None)
-_ENV_KEYS = {name: os.environ.encodekey(name) for name in (REFERENCE_ENV, FUSED_ENV)} if _ENVIRON else {}
+_ENV_KEYS = (
+    {name: os.environ.encodekey(name) for name in (REFERENCE_ENV, FUSED_ENV)} if _ENVIRON is not None else {}
+)
 
 
 def _setting(name: str) -> str | None:

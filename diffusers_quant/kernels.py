@@ -379,33 +379,42 @@ def _signature(args: tuple) -> list:
     return spec
 
 
+# Entries past this (a long process seeing ever new activation row counts) start the cache afresh.
+MAX_HANDLES = 4096
+
+
 def _launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, **constexprs) -> None:
     """``kernel[grid](*args, **constexprs)``, through the compiled handle on CUDA once the JIT compiled it."""
     global _handles_work
+    options = {} if num_warps is None else {"num_warps": num_warps}
     if isinstance(args[0], _TRACING_TENSORS):
         # a triton_op decomposed into a compiled graph (gguf/nn.py, quanto_ops.py): the launch goes into the
         # graph, and Inductor's generated code makes it (no op dispatch, no Python of ours per call)
-        options = {} if num_warps is None else {"num_warps": num_warps}
         torch.library.wrap_triton(kernel)[grid](*args, **constexprs, **options)
         return
     if not _handles_work or args[0].device.type not in HANDLE_DEVICES:
-        kernel[grid](*args, **constexprs, **({} if num_warps is None else {"num_warps": num_warps}))
+        kernel[grid](*args, **constexprs, **options)
         return
     key = (kernel, grid, args[0].device.index, num_warps, *constexprs.items(), *_signature(args))
     entry = _HANDLES.get(key)
     if entry is None:
-        options = {} if num_warps is None else {"num_warps": num_warps}
-        compiled = kernel[grid](*args, **constexprs, **options)
-        if compiled is not None and hasattr(compiled, "__getitem__"):
+        compiled = kernel[grid](*args, **constexprs, **options)  # launched: what follows only caches
+        try:
             tail = tuple(constexprs[name] for name in kernel.arg_names[len(args) :])
-            _HANDLES[key] = (compiled[(*grid, 1, 1)[:3]], tail)
+            launcher = compiled[(*grid, 1, 1)[:3]]
+        except (TypeError, AttributeError, IndexError, KeyError):  # a Triton whose handles differ
+            _handles_work = False
+            return
+        if len(_HANDLES) >= MAX_HANDLES:
+            _HANDLES.clear()
+        _HANDLES[key] = (launcher, tail)
         return
     launcher, tail = entry
     try:
         launcher(*args, *tail)
     except (TypeError, AttributeError, IndexError):  # raised while binding, before any launch
         _handles_work = False
-        kernel[grid](*args, **constexprs, **({} if num_warps is None else {"num_warps": num_warps}))
+        kernel[grid](*args, **constexprs, **options)
 
 
 def _cdiv(n: int, d: int) -> int:

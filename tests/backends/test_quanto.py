@@ -18,6 +18,7 @@ from diffusers_quant.backends import get_backend  # noqa: E402
 from diffusers_quant.backends.quanto import (  # noqa: E402
     _bytes_weight,
     _cpu_bytes_weight,
+    _fused_weights,
     portable_class,
     quantize_in_row_blocks,
 )
@@ -274,7 +275,8 @@ def test_compiled_layer_decodes_8_bit_weights_with_the_hand_written_kernel(qtype
         traced_calls.append(kernels.tracing(data))
         return kernel(data, scale)
 
-    monkeypatch.setattr(kernels, "quanto_bytes", counted)  # what the op calls (eager layers hold their own)
+    _fused_weights()  # built (and cached) before the patch: eager layers keep the real kernel
+    monkeypatch.setattr(kernels, "quanto_bytes", counted)  # what the op calls
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 64).to(torch.bfloat16)
     layer = get_backend("quanto").quantize_linear(linear, Spec.parse(f"quanto:{qtype}"), torch.bfloat16)

@@ -49,8 +49,11 @@ def test_compiled_layer_decodes_with_the_hand_written_kernel(qtype, make_blocks,
     monkeypatch.delenv(fused.FUSED_ENV, raising=False)
     layer = _layer(qtype, make_blocks)
     x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16)
+    runner = _fused_decoder(qtype)
     with torch.no_grad():
+        calls = runner.kernel_calls
         eager = layer(x)  # the hand-written kernel, eager
+        assert runner.kernel_calls == calls + 1
         got, ops = compiled_graph_ops(layer, x, fullgraph=True)
         assert "diffusers_quant.ggml_decode.default" in ops, ops
         got32, ops32 = compiled_graph_ops(layer, x.float(), fullgraph=True)
