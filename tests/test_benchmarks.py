@@ -163,3 +163,35 @@ def test_multi_gpu_benchmark_dry_run_and_its_refusal_without_two_gpus(tmp_path):
     if torch.cuda.device_count() < 2:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 2 and "needs two CUDA devices" in proc.stderr
+
+
+def test_a_rows_fused_paths_and_profile_of_one_step(monkeypatch):
+    """bench.py's per-row diagnostics on a one-layer model: which fused path the layer took in a step
+    (the hand-written kernel, here under Triton's interpreter), a profiled step's host ops, the host's speed."""
+    import torch
+
+    from diffusers_quant import fused, kernels
+    from diffusers_quant.backends.gguf.nn import GGUFLinear
+
+    bench = _bench_module()
+    monkeypatch.setattr(fused, "FUSED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
+    monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(fused.FUSED_ENV, raising=False)
+
+    class OneLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = GGUFLinear.from_linear(torch.nn.Linear(64, 32), "Q8_0")
+
+        def forward(self, hidden_states, return_dict=True):
+            return (self.proj(hidden_states),)
+
+    model, inputs = OneLayer(), {"hidden_states": torch.randn(2, 64, dtype=torch.bfloat16)}
+    assert bench.step_paths(model, inputs) == {"gguf Q8_0": [1, 0]}
+    monkeypatch.setenv(fused.REFERENCE_ENV, "1")
+    assert bench.step_paths(model, inputs) == {}  # the reference: no fused path
+    profile = bench.profile_step(model, inputs, "cpu")
+    assert any(name in ("aten::linear", "aten::addmm", "aten::mm") for name, *_ in profile["top_host_ops"])
+    assert profile["host_self_us"] > 0 and profile["top_kernels"] == [] and profile["runtime_calls"] == {}
+    assert 0 < bench.host_op_us(calls=50) < 1e4
