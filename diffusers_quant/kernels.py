@@ -350,9 +350,10 @@ def _define() -> SimpleNamespace:
 
 def _kernels(t: torch.Tensor) -> SimpleNamespace | None:
     """The kernels for ``t``'s device; None while ``t`` is traced off CUDA (the interpreter needs real data)."""
-    if t.device.type != "cuda" and tracing(t):
+    off_cuda = t.device.type != "cuda"
+    if off_cuda and tracing(t):
         return None
-    return _build(t.device.type != "cuda")
+    return _build(off_cuda)
 
 
 # Compiled kernels by launch signature, each launched through its handle: the JIT's own launch binds and
@@ -545,7 +546,7 @@ def ggml(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
     out = torch.empty((blocks.shape[0], per_row * width), dtype=dtype, device=blocks.device)
     kernel = k.ggml_blocks if width == 32 else k.k_blocks
     halves = blocks.view(torch.float16)  # the fp16 scales read in place: type sizes and offsets are even
-    grid = ((n + per_program - 1) // per_program,)
+    grid = (_cdiv(n, per_program),)
     _launch(kernel, grid, blocks, halves, out, n, TYPE=kind, TYPE_SIZE=type_size, ROWS=per_program)
     return out
 

@@ -275,7 +275,8 @@ def fused_linear(input, weight, bias=None):
         return None  # quanto adds such a bias after the matmul, promoting the output: leave it that
     path = fast_path(input, "quanto")
     if path == "fused":
-        bytes_weight, bits_weight = (run.fast for run in _fused_weights())
+        fused_bytes, fused_bits = _fused_weights()
+        bytes_weight, bits_weight = fused_bytes.fast, fused_bits.fast
     elif path == "cpu":
         bytes_weight, bits_weight = _cpu_bytes_weight, _bits_weight
     elif path == "traced":
