@@ -606,6 +606,8 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
     is host-bound."""
     import torch
 
+    from diffusers_quant import fused
+
     cuda = device == "cuda"
     times, issue = [], []
     # no_grad, not inference_mode: quanto's int4 matmul fails on inference tensors.
@@ -618,6 +620,7 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
             torch.cuda.reset_peak_memory_stats()
             before = _allocator_counts()
         host_op = [host_op_us()]
+        paths_before = fused.path_counts()
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         for _ in range(defn.steps):
             if cuda:
@@ -634,8 +637,10 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
                 out = model(**inputs, return_dict=False)[0]
                 times.append((time.perf_counter() - start) * 1000)
         cpu_s, wall_s = time.process_time() - cpu_start, time.perf_counter() - wall_start
+        paths = step_paths(paths_before, fused.path_counts(), defn.steps)
         host_op.append(host_op_us())
     figures: dict[str, Any] = {"step_ms": sorted(times)[len(times) // 2], "step_ms_all": times}
+    figures["fused_paths_per_step"] = paths
     # the host's speed around the timed steps, and the process's CPU time over them (above 1: other
     # threads of the process were busy too): an eager row's host issue time reads against these
     figures["host_op_us"] = host_op
@@ -650,18 +655,13 @@ def time_steps(model, inputs: dict, defn: ModelDef, device: str) -> tuple[Any, d
     return out.detach().float().cpu(), figures
 
 
-def step_paths(model, inputs: dict) -> dict[str, list[int]]:
-    """Which fused path the quantized layers took in one eager step: per fused function (fused.py's names,
-    e.g. ``gguf Q4_K``), ``[hand-written kernel calls, compiled-function calls]``; none for the reference."""
-    import torch
-
-    from diffusers_quant import fused
-
-    before = fused.path_counts()
-    with torch.no_grad():
-        model(**inputs, return_dict=False)
-    after = fused.path_counts()
-    deltas = {k: [a - b for a, b in zip(v, before.get(k, (0, 0)), strict=True)] for k, v in after.items()}
+def step_paths(before: dict, after: dict, steps: int) -> dict[str, list[float]]:
+    """Which fused path the quantized layers took in a step, from ``fused.path_counts()`` before and after
+    ``steps`` steps: per fused function (fused.py's names, e.g. ``gguf Q4_K``), ``[hand-written kernel
+    calls, compiled-function calls]`` a step; none for the reference."""
+    deltas = {
+        k: [(a - b) / steps for a, b in zip(v, before.get(k, (0, 0)), strict=True)] for k, v in after.items()
+    }
     return {k: v for k, v in deltas.items() if any(v)}
 
 
@@ -803,7 +803,6 @@ def run_worker(job: dict) -> dict:
     out, steps = time_steps(model, inputs, defn, job["device"])
     result.update(steps)
     result.update(compare(out, job))
-    result["fused_paths_per_step"] = step_paths(model, inputs)
     if job.get("profile"):
         result["profile"] = profile_step(model, inputs, job["device"])
     if job.get("compiled"):

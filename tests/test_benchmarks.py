@@ -188,9 +188,13 @@ def test_a_rows_fused_paths_and_profile_of_one_step(monkeypatch):
             return (self.proj(hidden_states),)
 
     model, inputs = OneLayer(), {"hidden_states": torch.randn(2, 64, dtype=torch.bfloat16)}
-    assert bench.step_paths(model, inputs) == {"gguf Q8_0": [1, 0]}
+    defn = bench.ModelDef("one-layer", None, 0, 0, warmup=1, steps=3, about="")
+    _, figures = bench.time_steps(model, inputs, defn, "cpu")
+    assert figures["fused_paths_per_step"] == {"gguf Q8_0": [1, 0]}
+    assert len(figures["host_op_us"]) == 2 and figures["process_cpu_over_wall_in_steps"] > 0
     monkeypatch.setenv(fused.REFERENCE_ENV, "1")
-    assert bench.step_paths(model, inputs) == {}  # the reference: no fused path
+    _, figures = bench.time_steps(model, inputs, defn, "cpu")
+    assert figures["fused_paths_per_step"] == {}  # the reference: no fused path
     profile = bench.profile_step(model, inputs, "cpu")
     assert any(name in ("aten::linear", "aten::addmm", "aten::mm") for name, *_ in profile["top_host_ops"])
     assert profile["host_self_us"] > 0 and profile["top_kernels"] == [] and profile["runtime_calls"] == {}
