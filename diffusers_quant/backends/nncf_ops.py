@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from .. import cpu_kernels, kernels
 from ..fused import fast_path, fused
 
 __all__ = [
@@ -215,6 +215,13 @@ def decompress_cpu(
     return out
 
 
+def decompress_eager_cpu(*pieces) -> torch.Tensor:
+    """The eager CPU path: the C kernel in one pass where it is built (``cpu_kernels.py``), else
+    :func:`decompress_cpu`; both bit for bit :func:`decompress`."""
+    out = cpu_kernels.nncf(*pieces)
+    return decompress_cpu(*pieces) if out is None else out
+
+
 @functools.cache
 def _fused_decompress():
     return fused(decompress, kernels.nncf, "nncf")
@@ -348,11 +355,15 @@ class NNCFLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        # on CUDA one fused kernel reads the packed weight (fused.py); eager on the CPU float32 steps; in a
-        # compiled region the reference is traced (Inductor fuses it)
+        # on CUDA one fused kernel reads the packed weight (fused.py); eager on the CPU the C kernel (or float32
+        # steps); in a compiled region the reference is traced (Inductor fuses it)
         path = fast_path(x, "nncf")
         decode = (
-            _fused_decompress().fast if path == "fused" else decompress_cpu if path == "cpu" else decompress
+            _fused_decompress().fast
+            if path == "fused"
+            else decompress_eager_cpu
+            if path == "cpu"
+            else decompress
         )
         weight = decode(*self._pieces(), dtype)
         if x.dtype == dtype:  # the common case, without two no-op conversions' host time

@@ -222,6 +222,23 @@ def _cpu_bytes_weight(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (raw * (scale.float() * _E4M3_BIAS_GAP)).to(scale.dtype)
 
 
+def _eager_cpu_bytes_weight(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The eager CPU path of an 8-bit weight: the C kernel where it is built (``cpu_kernels.py``), else
+    :func:`_cpu_bytes_weight`; both bit for bit :func:`_bytes_weight`."""
+    from .. import cpu_kernels
+
+    out = cpu_kernels.quanto_bytes(data, scale)
+    return _cpu_bytes_weight(data, scale) if out is None else out
+
+
+def _eager_cpu_bits_weight(packed, scale, shift, bits: int, rows: int, cols: int) -> torch.Tensor:
+    """The eager CPU path of a 2/4-bit weight: the C kernel where it is built, else :func:`_bits_weight`."""
+    from .. import cpu_kernels
+
+    out = cpu_kernels.quanto_bits(packed, scale, shift, bits, rows, cols)
+    return _bits_weight(packed, scale, shift, bits, rows, cols) if out is None else out
+
+
 def _bits_weight(
     packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int, rows: int, cols: int
 ) -> torch.Tensor:
@@ -278,7 +295,7 @@ def fused_linear(input, weight, bias=None):
         fused_bytes, fused_bits = _fused_weights()
         bytes_weight, bits_weight = fused_bytes.fast, fused_bits.fast
     elif path == "cpu":
-        bytes_weight, bits_weight = _cpu_bytes_weight, _bits_weight
+        bytes_weight, bits_weight = _eager_cpu_bytes_weight, _eager_cpu_bits_weight
     elif path == "traced":
         from ..fused import kernel_in_graph
         from . import quanto_ops

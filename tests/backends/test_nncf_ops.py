@@ -466,7 +466,7 @@ def test_cpu_decompression_is_the_reference_bit_for_bit(
 
 def test_layers_on_the_cpu_take_the_cpu_decompression_unless_switched_off(monkeypatch):
     calls = []
-    monkeypatch.setattr(nncf_ops, "decompress_cpu", lambda *a: calls.append(1) or decompress(*a))
+    monkeypatch.setattr(nncf_ops, "decompress_eager_cpu", lambda *a: calls.append(1) or decompress(*a))
     monkeypatch.delenv("DIFFUSERS_QUANT_REFERENCE", raising=False)
     monkeypatch.delenv("DIFFUSERS_QUANT_FUSED", raising=False)
     layer = compress_linear(_linear(256, 64), "int4")

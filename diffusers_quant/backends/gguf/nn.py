@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import kernels
+from ... import cpu_kernels, kernels
 from ...fused import fast_path, fused, kernel_in_graph
 from .dequant import (
     _COMPUTE_DTYPE_TYPES,
@@ -290,11 +290,16 @@ class GGUFLinear(nn.Module):
             else:
                 w = _decode(self._qtype, blocks, dtype)
             w = w.reshape(self.weight_shape)
-        elif self._fusable and fast_path(x, "gguf") == "fused":
-            # one kernel reads the packed rows and writes the weight (fused.py)
-            w = _fused_decoder(self._qtype).fast(self.weight, dtype)
         else:
-            w = dequantize(self.weight, self._qtype, self.weight_shape, dtype, exact=False)
+            path = fast_path(x, "gguf") if self._fusable else None
+            w = None
+            if path == "fused":
+                # one kernel reads the packed rows and writes the weight (fused.py)
+                w = _fused_decoder(self._qtype).fast(self.weight, dtype)
+            elif path == "cpu":  # the C kernel, where it covers the type (cpu_kernels.py)
+                w = cpu_kernels.ggml(self._qtype, self.weight, dtype)
+            if w is None:
+                w = dequantize(self.weight, self._qtype, self.weight_shape, dtype, exact=False)
         b = self.bias
         if b is not None and b.dtype != dtype:
             b = b.to(dtype)
