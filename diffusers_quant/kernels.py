@@ -337,6 +337,168 @@ def _define() -> SimpleNamespace:
             out = (out.to(tl.float32) + bias.to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + r * cols + c, out, mask=live)
 
+    @triton.jit
+    def qkx2_search(
+        x_ptr,
+        w_ptr,
+        num_ptr,
+        levels_ptr,
+        scale_ptr,
+        min_ptr,
+        groups,
+        N: tl.constexpr,
+        NMAX: tl.constexpr,
+        STEPS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # ggml's make_qkx2_quants (use_mad false) as backends/gguf/quantize.py's torch port computes it, on
+        # element-major x and weights [N, groups]: one program per BLOCK groups, every sum one element after
+        # another and every operation rounded to float32 (launched without fp fusion, divisions IEEE). The
+        # candidates are tried in order, each from the best min so far; the chosen one's levels are recomputed
+        # at the end from its inverse scale and the min it was measured from. Levels round as ggml's
+        # nearest_int: the float32 sum with 1.5 * 2**23 read as an integer (half to even, wrapping as in C).
+        g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = g < groups
+        x = tl.load(x_ptr + g, mask=live, other=0.0)
+        w = tl.load(w_ptr + g, mask=live, other=0.0)
+        low = x
+        high = x
+        sum_w = w
+        sum_x = w * x
+        for e in range(1, N):
+            x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
+            w = tl.load(w_ptr + e * groups + g, mask=live, other=0.0)
+            low = tl.minimum(low, x)
+            high = tl.maximum(high, x)
+            sum_w = sum_w + w
+            sum_x = sum_x + w * x
+        low = tl.where(low > 0, 0.0, low)
+        flat = high == low
+        flat_min = low
+        ones = tl.full([BLOCK], 1.0, tl.float32)
+        iscale = tl.math.div_rn(ones * NMAX, high - low)
+        scale = tl.math.div_rn(ones, iscale)
+        best_error = tl.full([BLOCK], 0.0, tl.float32)
+        for e in range(N):
+            x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
+            w = tl.load(w_ptr + e * groups + g, mask=live, other=0.0)
+            v = iscale * (x - low) + 12582912.0
+            lf = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x7FFFFF) - 0x400000, 0), NMAX).to(
+                tl.float32
+            )
+            diff = scale * lf + low - x
+            best_error = best_error + w * (diff * diff)
+        best_iscale = iscale
+        best_from = low
+        for i in range(STEPS):
+            cand = tl.math.div_rn(ones * tl.load(num_ptr + i), high - low)
+            sum_l = tl.full([BLOCK], 0.0, tl.float32)
+            sum_l2 = tl.full([BLOCK], 0.0, tl.float32)
+            sum_xl = tl.full([BLOCK], 0.0, tl.float32)
+            for e in range(N):
+                x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
+                w = tl.load(w_ptr + e * groups + g, mask=live, other=0.0)
+                v = cand * (x - low) + 12582912.0
+                lf = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x7FFFFF) - 0x400000, 0), NMAX).to(
+                    tl.float32
+                )
+                wl = w * lf
+                sum_l = sum_l + wl
+                sum_l2 = sum_l2 + wl * lf
+                sum_xl = sum_xl + wl * x
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, det)
+            this_min = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, det)
+            clipped = this_min > 0
+            this_scale = tl.where(clipped, tl.math.div_rn(sum_xl, sum_l2), this_scale)
+            this_min = tl.where(clipped, 0.0, this_min)
+            error = tl.full([BLOCK], 0.0, tl.float32)
+            for e in range(N):
+                x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
+                w = tl.load(w_ptr + e * groups + g, mask=live, other=0.0)
+                v = cand * (x - low) + 12582912.0
+                lf = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x7FFFFF) - 0x400000, 0), NMAX).to(
+                    tl.float32
+                )
+                diff = this_scale * lf + this_min - x
+                error = error + w * (diff * diff)
+            take = (det > 0) & (error < best_error)  # strictly better, as in C
+            best_error = tl.where(take, error, best_error)
+            best_iscale = tl.where(take, cand, best_iscale)
+            best_from = tl.where(take, low, best_from)
+            scale = tl.where(take, this_scale, scale)
+            low = tl.where(take, this_min, low)
+        for e in range(N):
+            x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
+            v = best_iscale * (x - best_from) + 12582912.0
+            level = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x7FFFFF) - 0x400000, 0), NMAX)
+            tl.store(levels_ptr + e * groups + g, tl.where(flat, 0, level), mask=live)
+        tl.store(scale_ptr + g, tl.where(flat, 0.0, scale), mask=live)
+        tl.store(min_ptr + g, -tl.where(flat, flat_min, low), mask=live)
+
+    @triton.jit
+    def qx_search(
+        x_ptr,
+        num_ptr,
+        levels_ptr,
+        scale_ptr,
+        groups,
+        eps,
+        N: tl.constexpr,
+        NMAX: tl.constexpr,
+        CANDIDATES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # ggml's make_qx_quants (rmse_type 1, no quant weights) as the torch port computes it, on element-major
+        # x [N, groups]: the candidate scales from the first value of largest magnitude, measured one after
+        # another (sums in element order, float32 roundings, no fp fusion), the first candidate's scale unless
+        # a later one is strictly better; levels (+ NMAX) recomputed from the chosen inverse scale.
+        g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = g < groups
+        amax = tl.full([BLOCK], 0.0, tl.float32)
+        peak = tl.full([BLOCK], 0.0, tl.float32)
+        for e in range(N):
+            x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
+            bigger = tl.abs(x) > amax
+            amax = tl.where(bigger, tl.abs(x), amax)
+            peak = tl.where(bigger, x, peak)
+        zero = tl.abs(peak) < eps
+        ones = tl.full([BLOCK], 1.0, tl.float32)
+        scale = tl.full([BLOCK], 0.0, tl.float32)
+        best = tl.full([BLOCK], 0.0, tl.float32)
+        chosen = tl.full([BLOCK], 0.0, tl.float32)
+        for k in tl.static_range(CANDIDATES):
+            iscale = tl.math.div_rn(ones * tl.load(num_ptr + k), peak)
+            sumlx = tl.full([BLOCK], 0.0, tl.float32)
+            suml2 = tl.full([BLOCK], 0.0, tl.float32)
+            for e in range(N):
+                x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
+                v = iscale * x + 12582912.0
+                lf = tl.minimum(
+                    tl.maximum((v.to(tl.int32, bitcast=True) & 0x7FFFFF) - 0x400000, -NMAX), NMAX - 1
+                ).to(tl.float32)
+                w = x * x
+                sumlx = sumlx + w * x * lf
+                suml2 = suml2 + w * lf * lf
+            if k == 0:
+                scale = tl.where(suml2 != 0, tl.math.div_rn(sumlx, suml2), 0.0)
+                best = scale * sumlx
+                chosen = iscale
+            else:
+                take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+                scale = tl.where(take, tl.math.div_rn(sumlx, suml2), scale)
+                best = tl.where(take, scale * sumlx, best)
+                chosen = tl.where(take, iscale, chosen)
+        for e in range(N):
+            x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
+            v = chosen * x + 12582912.0
+            level = (
+                tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x7FFFFF) - 0x400000, -NMAX), NMAX - 1)
+                + NMAX
+            )
+            tl.store(levels_ptr + e * groups + g, tl.where(zero, 0, level), mask=live)
+        tl.store(scale_ptr + g, tl.where(zero, 0.0, scale), mask=live)
+
     return SimpleNamespace(
         grouped=grouped,
         quanto_bits=quanto_bits,
@@ -344,6 +506,8 @@ def _define() -> SimpleNamespace:
         k_blocks=k_blocks,
         quantize_rows=quantize_rows,
         scale_rows_cols=scale_rows_cols,
+        qkx2_search=qkx2_search,
+        qx_search=qx_search,
         tl=tl,
     )
 
@@ -602,3 +766,54 @@ def scale_int_mm(
             HAS_BIAS=bias is not None, BLOCK=block,
         )  # fmt: skip
     return out
+
+
+# Groups per program of the K-quant searches (one group a lane; each program's x and weights stay in cache).
+SEARCH_BLOCK = 128
+
+
+def make_qkx2_quants(
+    x: torch.Tensor, weights: torch.Tensor, nmax: int, numerators: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``backends.gguf.quantize._make_qkx2_quants`` in one launch: element-major float32 ``x`` and ``weights``
+    ``(n, groups)`` -> (levels int32 ``(n, groups)``, scale, the min), bit for bit the torch port; the
+    candidate ``numerators`` as the port computes them. None where not covered."""
+    if x.dtype != torch.float32 or weights.dtype != torch.float32 or x.shape != weights.shape or x.dim() != 2:
+        return None
+    if not (x.is_contiguous() and weights.is_contiguous()):
+        return None
+    k = _kernels(x)
+    if k is None:
+        return None
+    n, groups = x.shape
+    levels = torch.empty((n, groups), dtype=torch.int32, device=x.device)
+    scale = torch.empty(groups, dtype=torch.float32, device=x.device)
+    low = torch.empty(groups, dtype=torch.float32, device=x.device)
+    steps = torch.tensor(numerators, dtype=torch.float32, device=x.device)
+    # fp fusion off: an a * b + c contracted into one FMA rounds once where the port rounds twice
+    k.qkx2_search[(_cdiv(groups, SEARCH_BLOCK),)](
+        x, weights, steps, levels, scale, low, groups,
+        N=n, NMAX=nmax, STEPS=len(numerators), BLOCK=SEARCH_BLOCK, enable_fp_fusion=False,
+    )  # fmt: skip
+    return levels, scale, low
+
+
+def make_qx_quants(
+    x: torch.Tensor, nmax: int, numerators: list[float], eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``backends.gguf.quantize._make_qx_quants`` in one launch: element-major float32 ``x`` ``(n, groups)`` ->
+    (levels + nmax int32, scale), bit for bit the torch port. None where not covered."""
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        return None
+    k = _kernels(x)
+    if k is None:
+        return None
+    n, groups = x.shape
+    levels = torch.empty((n, groups), dtype=torch.int32, device=x.device)
+    scale = torch.empty(groups, dtype=torch.float32, device=x.device)
+    candidates = torch.tensor(numerators, dtype=torch.float32, device=x.device)
+    k.qx_search[(_cdiv(groups, SEARCH_BLOCK),)](
+        x, candidates, levels, scale, groups, eps,
+        N=n, NMAX=nmax, CANDIDATES=len(numerators), BLOCK=SEARCH_BLOCK, enable_fp_fusion=False,
+    )  # fmt: skip
+    return levels, scale

@@ -17,6 +17,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ... import kernels
+from ...fused import reference_forced
+
 _QK_K = 256  # elements per K-type super-block
 _GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml's GROUP_MAX_EPS (1e-15f): below it a group is all zero
 
@@ -114,6 +117,11 @@ def _steps(start: float, delta: float, count: int, offset: float) -> list[float]
     return [float(f(f(f(start) + f(delta) * f(i)) + f(offset))) for i in range(count)]
 
 
+def _kernel_here(x: torch.Tensor) -> bool:
+    """Whether the searches run as Triton kernels: on a kernel device, the reference not forced."""
+    return kernels.available(x) and not reference_forced()
+
+
 # The group searches below take their values element-major, (n, groups): a C loop over a group's elements
 # is then a Python loop over contiguous rows, each one op across every group.
 
@@ -123,7 +131,12 @@ def _make_qkx2_quants(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's make_qkx2_quants (use_mad false) on (n, groups) ``x`` -> (levels int32, scale, the_min).
 
-    The candidate scales are tried one after another as in C, each measured from the best min so far."""
+    The candidate scales are tried one after another as in C, each measured from the best min so far. On
+    CUDA one Triton kernel runs the whole search (``kernels.make_qkx2_quants``, bit for bit these ops)."""
+    if _kernel_here(x):
+        found = kernels.make_qkx2_quants(x, weights, nmax, _steps(rmin, rdelta, nstep + 1, float(nmax)))
+        if found is not None:
+            return found
     low = x.amin(dim=0)
     high = x.amax(dim=0)
     sum_w = _sum_in_order(weights, first=True)
@@ -165,12 +178,16 @@ def _make_qkx2_quants(
 def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's make_qx_quants with rmse_type 1 and no quant weights on (n, groups) ``x``
     -> (levels + nmax as int32, scale). Its 19 candidate scales are independent: all are measured at
-    once, then chosen in the C loop's order."""
+    once, then chosen in the C loop's order (on CUDA one Triton kernel, ``kernels.make_qx_quants``)."""
+    f = np.float32
+    numerators = [f(-nmax)] + [f(-(f(nmax) + f(0.1) * f(i))) for i in range(-9, 10) if i]
+    if _kernel_here(x):
+        found = kernels.make_qx_quants(x, nmax, [float(v) for v in numerators], _GROUP_MAX_EPS)
+        if found is not None:
+            return found
     groups = torch.arange(x.shape[1], device=x.device)
     peak = x[x.abs().argmax(dim=0), groups]  # the first value of largest magnitude, sign kept
     zero = peak.abs() < _GROUP_MAX_EPS
-    f = np.float32
-    numerators = [f(-nmax)] + [f(-(f(nmax) + f(0.1) * f(i))) for i in range(-9, 10) if i]
     iscales = torch.tensor(np.array(numerators), device=x.device).view(-1, 1) / peak  # (19, groups)
     xs = x.unsqueeze(1)
     levels = _nearest_int(iscales * xs).clamp(-nmax, nmax - 1)  # (n, 19, groups)

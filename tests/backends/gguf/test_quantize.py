@@ -145,6 +145,31 @@ def test_k_quants_error_is_small_and_beats_the_simple_scales(qtype):
 
 
 @pytest.mark.parametrize("qtype", K_TYPES)
+def test_k_quant_search_kernels_give_the_reference_bytes(qtype, k_reference, monkeypatch):
+    """The Triton kernels of the K-quant searches (kernels.make_qkx2_quants / make_qx_quants, which CUDA
+    runs), here under Triton's interpreter: ggml's bytes for the fixture, and the torch port's bytes for
+    awkward rows (zeros, ties, constants, tiny and huge values, an outlier)."""
+    from diffusers_quant import kernels
+
+    search = "make_qx_quants" if qtype == "Q6_K" else "make_qkx2_quants"
+    calls = []
+    real = getattr(kernels, search)
+    monkeypatch.setattr(kernels, search, lambda *a: calls.append(1) or real(*a))
+    awkward = _awkward_weight(rows=12, cols=512, seed=4)
+    awkward[5] = 0.37
+    awkward[6, 100] = 1000.0
+    monkeypatch.delenv("DIFFUSERS_QUANT_REFERENCE", raising=False)
+    monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
+    got = quantize_rows(torch.from_numpy(k_reference["x"]), qtype)
+    assert calls, "the search did not take the kernel"
+    assert torch.equal(got, torch.from_numpy(k_reference[qtype.lower()]))
+    with_kernel = quantize_rows(awkward, qtype)
+    monkeypatch.setenv("DIFFUSERS_QUANT_REFERENCE", "1")  # the switch keeps the torch port
+    count = len(calls)
+    assert torch.equal(with_kernel, quantize_rows(awkward, qtype)) and len(calls) == count
+
+
+@pytest.mark.parametrize("qtype", K_TYPES)
 def test_k_quants_on_awkward_rows(qtype):
     t = gguf.GGMLQuantizationType[qtype]
     zeros = quantize_rows(torch.zeros(2, 512), qtype)
