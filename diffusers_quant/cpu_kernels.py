@@ -10,7 +10,8 @@ not cover a layout, and the caller then runs its pure-torch CPU decode.
 The library is built on first use with the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` /
 ``clang``; ``-O3 -march=native``, so the loops vectorize for this CPU) into the cache folder
 (``$DIFFUSERS_QUANT_CACHE/native``), keyed on the source, the compiler and the CPU, and loaded with ctypes.
-Without a compiler, or if the build fails, every function returns None (:func:`unavailable_reason` says
+The kernels are AVX-512 code (x86-64 CPUs since Skylake-SP / Zen 4); elsewhere, without a compiler, or
+if the build fails, every function returns None (:func:`unavailable_reason` says
 why) and the layers keep their torch decode. ``DIFFUSERS_QUANT_FUSED`` / ``DIFFUSERS_QUANT_REFERENCE``
 switch these kernels off as they do the GPU ones (the callers ask ``fused.fast_path``).
 """
@@ -122,6 +123,9 @@ def library() -> ctypes.CDLL | None:
         return None
     except (OSError, subprocess.SubprocessError) as e:
         _reason = f"could not build or load {SOURCE.name} with {compiler}: {e}"
+        return None
+    if not lib.dq_available():  # built for a CPU without AVX-512, the kernels' only vector code
+        _reason = f"this CPU (as {compiler} -march=native sees it) has no AVX-512 F / BW / VL"
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)

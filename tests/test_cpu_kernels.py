@@ -283,6 +283,17 @@ def test_a_build_is_cached_and_reused(fresh_build, built):
     assert built_file.stat().st_mtime_ns == stamp
 
 
+def test_a_cpu_without_avx512_keeps_the_torch_decode(fresh_build, monkeypatch):
+    """Built for a CPU without AVX-512 (here: told to leave it out), the library holds no kernels: it is not
+    used, and the reason says why."""
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-mno-avx512f"))
+    assert cpu_kernels.library() is None
+    assert "no AVX-512" in cpu_kernels.unavailable_reason()
+    assert cpu_kernels.ggml("Q8_0", torch.zeros(2, 34, dtype=torch.uint8), torch.bfloat16) is None
+
+
 def test_without_a_working_compiler_the_layers_keep_their_torch_decode(fresh_build, monkeypatch, tmp_path):
     """A missing compiler and a failing one: no library, a reason that names the cause, nothing left in the
     cache folder, and the layers still run (their torch CPU path)."""
