@@ -210,12 +210,16 @@ INLINE void quanto_bits_k(const int kind, const uint8_t* packed, const void* sca
       const float s = load(kind, scale, r);
       const uint8_t* src = packed + p * group;
       const int64_t base = r * group;
-      const float sh = int_shift ? (float)((const int8_t*)shift)[r] : load(kind, shift, r);
+      const float sh = int_shift ? 0.0f : load(kind, shift, r);
       int64_t c = 0;
-      if (int_shift) {
-        for (; c + W <= group; c += W)
-          v_store(kind, out, base + c, MUL(SPLAT(s), SUB(v_field(src + c, at, mask), SPLAT(sh))));
-        for (; c < group; c++) store(kind, out, base + c, s * ((float)((src[c] >> at) & mask) - sh));
+      if (int_shift) { /* q - shift in int8, wrapping as the reference's int8 subtraction does */
+        const int32_t ish = ((const int8_t*)shift)[r];
+        for (; c + W <= group; c += W) {
+          vi q = v_and(_mm512_srli_epi32(v_u8i(src + c), (unsigned)at), mask);
+          vi d = _mm512_sub_epi32(v_and(_mm512_add_epi32(_mm512_sub_epi32(q, v_set(ish)), v_set(128)), 255), v_set(128));
+          v_store(kind, out, base + c, MUL(SPLAT(s), v_float(d)));
+        }
+        for (; c < group; c++) store(kind, out, base + c, s * (float)(((((src[c] >> at) & mask) - ish + 128) & 255) - 128));
       } else {
         for (; c + W <= group; c += W)
           v_store(kind, out, base + c, SUB(v_rnd(kind, MUL(SPLAT(s), v_field(src + c, at, mask))), SPLAT(sh)));

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -31,7 +32,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+# the floating-point model pinned: a contracted a * b + c (one FMA, one rounding) or fast math would break
+# the kernels' bit-for-bit equality with the references (some compilers, icx, default to both)
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off", "-fno-fast-math")
 COMPILERS = ("cc", "gcc", "clang")
 
 _KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -40,14 +43,18 @@ _HALF_KINDS = {torch.bfloat16: 0, torch.float16: 1}
 _reason: str | None = None  # why the library is not there, once a build was tried
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The compiler's command: ``$CC`` (which may carry arguments, ``ccache gcc``), else the first of
+    ``COMPILERS`` on PATH."""
     named = os.environ.get("CC")
     if named:
-        return shutil.which(named)
+        words = shlex.split(named)
+        found = shutil.which(words[0]) if words else None
+        return [found, *words[1:]] if found else None
     for name in COMPILERS:
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -69,32 +76,43 @@ def _cache_folder() -> Path:
     return cache_dir() / "native"
 
 
-def _build(compiler: str) -> Path:
+def _target(compiler: list[str]) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_key().encode()])
-    )
-    folder = _cache_folder()
-    target = folder / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
+    parts = [source, " ".join(compiler).encode(), " ".join(FLAGS).encode(), _cpu_key().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return _cache_folder() / f"cpu_kernels-{key}.so"
+
+
+def _build(compiler: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     # built beside the target, then renamed into place: a concurrent build never leaves a half-written file
-    fd, scratch = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so", dir=folder)
+    fd, scratch = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", scratch],
+            [*compiler, *FLAGS, str(SOURCE), "-o", scratch],
             check=True,
             capture_output=True,
             text=True,
             timeout=120,
         )
+        os.chmod(scratch, 0o755)  # mkstemp's 0600 would keep the library from other users of a shared cache
         os.replace(scratch, target)
     finally:
         if os.path.exists(scratch):
             os.unlink(scratch)
-    return target
+
+
+def _load(compiler: list[str]) -> ctypes.CDLL:
+    """The cached library, built if missing; one that does not load (a truncated file) is built again."""
+    target = _target(compiler)
+    if target.exists():
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError:
+            target.unlink(missing_ok=True)
+    _build(compiler, target)
+    return ctypes.CDLL(str(target))
 
 
 _P = ctypes.c_void_p
@@ -116,16 +134,17 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         _reason = f"no C compiler found ($CC, or one of {', '.join(COMPILERS)} on PATH)"
         return None
+    command = " ".join(compiler)
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = _load(compiler)
     except subprocess.CalledProcessError as e:
-        _reason = f"{compiler} failed to build {SOURCE.name}: {(e.stderr or '').strip()[-500:]}"
+        _reason = f"{command} failed to build {SOURCE.name}: {(e.stderr or '').strip()[-500:]}"
         return None
     except (OSError, subprocess.SubprocessError) as e:
-        _reason = f"could not build or load {SOURCE.name} with {compiler}: {e}"
+        _reason = f"could not build or load {SOURCE.name} with {command}: {e}"
         return None
     if not lib.dq_available():  # built for a CPU without AVX-512, the kernels' only vector code
-        _reason = f"this CPU (as {compiler} -march=native sees it) has no AVX-512 F / BW / VL"
+        _reason = f"this CPU (as {command} -march=native sees it) has no AVX-512 F / BW / VL"
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
@@ -147,7 +166,7 @@ def quanto_bytes(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None
     """quanto's 8-bit weight (int8 / float8 e4m3 codes ``[rows, cols]``, ``scale`` ``[rows, 1]``):
     ``scale * q`` in the scale's dtype (``backends.quanto._bytes_weight``)."""
     kind = _KINDS.get(scale.dtype)
-    if kind is None or data.dim() != 2 or scale.numel() != data.shape[0] or not _ready(data, scale):
+    if kind is None or data.dim() != 2 or scale.shape != (data.shape[0], 1) or not _ready(data, scale):
         return None
     if data.dtype not in (torch.int8, torch.float8_e4m3fn):
         return None
@@ -170,8 +189,10 @@ def quanto_bits(
     if kind is None or packed.dim() != 2 or packed.dtype != torch.uint8 or bits not in (2, 4):
         return None
     group = packed.shape[1]
-    if group_rows * group != rows * cols or shift.numel() != group_rows or not _ready(packed, scale, shift):
+    if group_rows * group != rows * cols or scale.shape != (group_rows, 1) or shift.shape != scale.shape:
         return None
+    if packed.shape[0] * (8 // bits) < group_rows or not _ready(packed, scale, shift):
+        return None  # fewer bit fields than groups: the reference fails there
     int_shift = not shift.is_floating_point()
     if int_shift:
         shift = shift.to(torch.int8)  # as the reference subtracts it
@@ -205,6 +226,10 @@ def nncf(
     if scale.dtype != torch.int16 or (zero_point is not None and zero_point.dtype != torch.uint8):
         return None
     if weight.dtype not in (torch.int8, torch.uint8) or (bits == 4 and weight.dtype != torch.uint8):
+        return None
+    if scale.shape[0] != rows or weight.numel() < (rows * cols if bits == 8 else (rows * cols + 1) // 2):
+        return None  # pieces too small for the weight (the reference fails there)
+    if zero_point is not None and zero_point.numel() < (rows if bits == 8 else (rows * groups + 1) // 2):
         return None
     lib = library()
     if lib is None:

@@ -368,8 +368,8 @@ def _define() -> SimpleNamespace:
         for e in range(1, N):
             x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
             w = tl.load(w_ptr + e * groups + g, mask=live, other=0.0)
-            low = tl.minimum(low, x)
-            high = tl.maximum(high, x)
+            low = tl.minimum(low, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN spreads, as in torch's amin
+            high = tl.maximum(high, x, propagate_nan=tl.PropagateNan.ALL)
             sum_w = sum_w + w
             sum_x = sum_x + w * x
         low = tl.where(low > 0, 0.0, low)
@@ -459,7 +459,8 @@ def _define() -> SimpleNamespace:
         peak = tl.full([BLOCK], 0.0, tl.float32)
         for e in range(N):
             x = tl.load(x_ptr + e * groups + g, mask=live, other=0.0)
-            bigger = tl.abs(x) > amax
+            # the first of largest magnitude, a NaN taken as largest (torch's argmax)
+            bigger = (tl.abs(x) > amax) | ((x != x) & (amax == amax))
             amax = tl.where(bigger, tl.abs(x), amax)
             peak = tl.where(bigger, x, peak)
         zero = tl.abs(peak) < eps

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,6 +187,77 @@ def test_ggml_blocks_decode_as_the_gguf_forward_does(qtype, dtype, built):
     _same(cpu_kernels.ggml(qtype, real, dtype), want)
 
 
+def test_integer_shifts_out_of_range_wrap_as_the_references_int8_subtraction(built):
+    """quanto's integer shifts are 0..2**bits - 1; beyond them ``q - shift`` wraps in int8 in the reference,
+    and so it does here."""
+    gen = torch.Generator().manual_seed(9)
+    packed = _packed(4, 8, 32, gen)
+    scale = torch.full((8, 1), 0.01, dtype=torch.bfloat16)
+    shift = torch.tensor([-120, 120, 127, -128, 0, 15, 100, -100], dtype=torch.int8).reshape(8, 1)
+    args = (packed, scale, shift, 4, 8, 32)
+    _same(cpu_kernels.quanto_bits(*args), quanto_backend._bits_weight(*args))
+
+
+def test_pieces_too_small_for_the_weight_are_declined(built):
+    """Shapes the references would refuse or broadcast differently are not handed to the C code (it would
+    read past them): the wrappers return None."""
+    assert (
+        cpu_kernels.nncf(
+            torch.zeros(2, 16, dtype=torch.int8),
+            torch.zeros(4, 1, dtype=torch.int16),
+            None,
+            8,
+            4,
+            16,
+            torch.float32,
+        )
+        is None
+    )
+    assert (
+        cpu_kernels.nncf(
+            torch.zeros(4, 16, dtype=torch.int8),
+            torch.zeros(3, 1, dtype=torch.int16),
+            None,
+            8,
+            4,
+            16,
+            torch.float32,
+        )
+        is None
+    )
+    zero = torch.zeros(2, 1, dtype=torch.uint8)
+    assert (
+        cpu_kernels.nncf(
+            torch.zeros(4, 16, dtype=torch.uint8),
+            torch.zeros(4, 1, dtype=torch.int16),
+            zero,
+            8,
+            4,
+            16,
+            torch.float32,
+        )
+        is None
+    )
+    assert (
+        cpu_kernels.nncf(
+            torch.zeros(10, dtype=torch.uint8),
+            torch.zeros(4, 2, dtype=torch.int16),
+            None,
+            4,
+            4,
+            16,
+            torch.float32,
+        )
+        is None
+    )
+    scale = torch.ones(8, 1, dtype=torch.bfloat16)
+    assert cpu_kernels.quanto_bits(torch.zeros(3, 16, dtype=torch.uint8), scale, scale, 4, 8, 16) is None
+    assert (
+        cpu_kernels.quanto_bytes(torch.zeros(8, 8, dtype=torch.int8), torch.ones(8, dtype=torch.bfloat16))
+        is None
+    )
+
+
 def test_kernels_decline_what_they_do_not_cover(built):
     blocks = to_ggml(torch.randn(8, 256), "Q8_0").reshape(8, -1)
     assert cpu_kernels.ggml("Q8_0", blocks, torch.float32) is None  # the reference decodes float32 exactly
@@ -273,6 +346,17 @@ def fresh_build(tmp_path, monkeypatch):
     cpu_kernels.library()
 
 
+def test_a_compiler_command_may_carry_arguments(fresh_build, monkeypatch):
+    """``CC="gcc -O2"`` (or ``ccache gcc``): the first word is the program, the rest go before the flags."""
+    compiler = cpu_kernels._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("CC", f"{compiler[0]} -DUNUSED_BY_THE_SOURCE=1")
+    assert cpu_kernels._compiler() == [compiler[0], "-DUNUSED_BY_THE_SOURCE=1"]
+    if EXPECTED:
+        assert cpu_kernels.library() is not None, cpu_kernels.unavailable_reason()
+
+
 def test_a_build_is_cached_and_reused(fresh_build, built):
     assert cpu_kernels.library() is not None
     (built_file,) = (fresh_build / "native").glob("cpu_kernels-*.so")
@@ -281,6 +365,16 @@ def test_a_build_is_cached_and_reused(fresh_build, built):
     assert cpu_kernels.library() is not None
     assert list((fresh_build / "native").iterdir()) == [built_file]  # no scratch file left, no rebuild
     assert built_file.stat().st_mtime_ns == stamp
+    assert built_file.stat().st_mode & 0o755 == 0o755  # readable by the other users of a shared cache
+    # a file a crash left behind is built again, in a fresh process (this one holds the library loaded,
+    # and a dlopen of the same path returns that): a new file in its place, as this process maps the old one
+    broken = built_file.with_suffix(".broken")
+    broken.write_bytes(b"truncated")
+    os.replace(broken, built_file)
+    child = "from diffusers_quant import cpu_kernels; print(cpu_kernels.library() is not None)"
+    ran = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert ran.stdout.strip() == "True", ran.stderr[-2000:]
+    assert built_file.stat().st_size > 1000
 
 
 def test_a_cpu_without_avx512_keeps_the_torch_decode(fresh_build, monkeypatch):

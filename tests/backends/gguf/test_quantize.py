@@ -154,19 +154,56 @@ def test_k_quant_search_kernels_give_the_reference_bytes(qtype, k_reference, mon
     search = "make_qx_quants" if qtype == "Q6_K" else "make_qkx2_quants"
     calls = []
     real = getattr(kernels, search)
-    monkeypatch.setattr(kernels, search, lambda *a: calls.append(1) or real(*a))
+
+    def spy(*args):
+        found = real(*args)
+        calls.append(found is not None)  # the kernel ran (None would leave the work to the torch port)
+        return found
+
+    monkeypatch.setattr(kernels, search, spy)
     awkward = _awkward_weight(rows=12, cols=512, seed=4)
     awkward[5] = 0.37
     awkward[6, 100] = 1000.0
     monkeypatch.delenv("DIFFUSERS_QUANT_REFERENCE", raising=False)
     monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
     got = quantize_rows(torch.from_numpy(k_reference["x"]), qtype)
-    assert calls, "the search did not take the kernel"
+    assert calls and all(calls), "the search did not take the kernel"
     assert torch.equal(got, torch.from_numpy(k_reference[qtype.lower()]))
     with_kernel = quantize_rows(awkward, qtype)
     monkeypatch.setenv("DIFFUSERS_QUANT_REFERENCE", "1")  # the switch keeps the torch port
     count = len(calls)
     assert torch.equal(with_kernel, quantize_rows(awkward, qtype)) and len(calls) == count
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_k_quant_search_kernels_spread_nan_and_inf_as_the_torch_port(value, device, monkeypatch):
+    """A group holding NaN or an infinity: the searches' levels, scales and mins are the torch port's (NaN
+    where it has NaN). The bytes written from a NaN then depend on its bit pattern, as in ggml's C."""
+    from diffusers_quant import kernels
+    from diffusers_quant.backends.gguf import quantize
+
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
+    x[5, 1] = value
+    x = x.to(device)
+    weights = x.abs() + 0.1
+    monkeypatch.setattr(kernels, "KERNEL_DEVICES", {"cuda", "cpu"})
+    monkeypatch.delenv("DIFFUSERS_QUANT_REFERENCE", raising=False)
+    got = kernels.make_qkx2_quants(x, weights, 15, quantize._steps(-1.0, 0.1, 21, 15.0))
+    monkeypatch.setenv("DIFFUSERS_QUANT_REFERENCE", "1")
+    want = quantize._make_qkx2_quants(x, weights, 15, -1.0, 0.1, 20)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    x6 = torch.randn(16, 5, generator=torch.Generator().manual_seed(2))
+    x6[3, 2] = value
+    x6 = x6.to(device)
+    numerators = [-32.0] + [
+        float(-(np.float32(32) + np.float32(0.1) * np.float32(i))) for i in range(-9, 10) if i
+    ]
+    got = kernels.make_qx_quants(x6, 32, [float(np.float32(v)) for v in numerators], quantize._GROUP_MAX_EPS)
+    want = quantize._make_qx_quants(x6, 32)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("qtype", K_TYPES)
