@@ -193,6 +193,29 @@ void dq_quanto_bytes(const void* data, int fp8, const void* scale, void* out, in
 #undef CALL
 }
 
+/* ---- bitsandbytes: int8 rows, w = round(q * (SCB * (1 / 127))) in the output's dtype ----------------
+   As bitsandbytes' MatMul8bitFp dequantizes: the float32 row absmax times the float32 1/127, then the product
+   with the code, rounded once. */
+
+INLINE void bnb_int8_k(const int kind, const uint8_t* data, const float* scb, void* out, int64_t rows,
+                       int64_t cols) {
+  const float step = (float)(1.0 / 127.0);
+  for (int64_t r = 0; r < rows; r++) {
+    const float s = scb[r] * step;
+    const int64_t base = r * cols;
+    const uint8_t* q = data + base;
+    int64_t c = 0;
+    for (; c + W <= cols; c += W) v_store(kind, out, base + c, MUL(v_float(v_s8i(q + c)), SPLAT(s)));
+    for (; c < cols; c++) store(kind, out, base + c, (float)(int8_t)q[c] * s);
+  }
+}
+
+void dq_bnb_int8(const uint8_t* data, const float* scb, void* out, int64_t rows, int64_t cols, int kind) {
+#define CALL(k) bnb_int8_k(k, data, scb, out, rows, cols)
+  BY_KIND(kind, CALL)
+#undef CALL
+}
+
 /* ---- quanto: packed 2/4-bit groups ---------------------------------------------------------------------
    The weight viewed as [group_rows, group]; bit field f of packed row p is grouped row p + f * packed_rows.
    w = round(round(scale * q) - shift) (float shift) or round(scale * (q - shift)) (integer shift, int8). */

@@ -120,6 +120,7 @@ _I = ctypes.c_int
 _N = ctypes.c_int64
 _SIGNATURES = {
     "dq_quanto_bytes": (_P, _I, _P, _P, _N, _N, _I),
+    "dq_bnb_int8": (_P, _P, _P, _N, _N, _I),
     "dq_quanto_bits": (_P, _P, _P, _I, _I, _N, _N, _N, _P, _I),
     "dq_nncf": (_P, _P, _P, _I, _I, _N, _N, _N, _P, _I),
     "dq_ggml": (_I, _P, _N, _N, _P, _I),
@@ -177,6 +178,22 @@ def quanto_bytes(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None
     rows, cols = data.shape
     fp8 = data.dtype == torch.float8_e4m3fn
     lib.dq_quanto_bytes(data.data_ptr(), fp8, scale.data_ptr(), out.data_ptr(), rows, cols, kind)
+    return out
+
+
+def bnb_int8(data: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """bitsandbytes' int8 weight (codes ``[rows, cols]``, float32 row absmax ``scb``) in ``dtype``:
+    ``q * (scb * (1 / 127))`` rounded once (``backends.bnb_int8.int8_weight``)."""
+    kind = _KINDS.get(dtype)
+    if kind is None or data.dim() != 2 or data.dtype != torch.int8 or not _ready(data, scb):
+        return None
+    if scb.dtype != torch.float32 or scb.numel() != data.shape[0]:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty(data.shape, dtype=dtype)
+    lib.dq_bnb_int8(data.data_ptr(), scb.data_ptr(), out.data_ptr(), *data.shape, kind)
     return out
 
 

@@ -18,7 +18,7 @@ hand-written kernel instead (``kernels.py``: one launch), and the compiled funct
 
 Inside a model that is itself compiled (``compile_repeated_blocks``) the plain function is traced into the
 block's graph instead (there fusion costs nothing per call), except where the hand-written kernel beat
-Inductor's own on CUDA (GGUF's covered types, quanto's 8-bit weights): there the graph holds that kernel, as
+Inductor's own on CUDA (GGUF's covered types, quanto's 8-bit weights, bitsandbytes' int8): there the graph holds that kernel, as
 a ``triton_op`` launched by Inductor's code (:func:`kernel_in_graph`). Eager on the CPU a backend may
 take its own faster pure-torch decode, bit for bit its reference (quanto's float8 codes, NNCF's float32
 steps); elsewhere, or with ``DIFFUSERS_QUANT_REFERENCE=1``, the function runs as it is: the pure-torch
@@ -39,7 +39,7 @@ from .kernels import tracing  # re-exported: the backends ask fused.tracing
 
 REFERENCE_ENV = "DIFFUSERS_QUANT_REFERENCE"
 FUSED_ENV = "DIFFUSERS_QUANT_FUSED"
-FUSED_BACKENDS = ("gguf", "nncf", "quanto")
+FUSED_BACKENDS = ("bnb", "gguf", "nncf", "quanto")  # bnb: its int8 layers (bnb_int8.py)
 # the backends whose eager steps the fused path made faster (see the module doc): all of them
 DEFAULT_FUSED = frozenset(FUSED_BACKENDS)
 # Devices whose tensors take the compiled kernels (tests add "cpu" to check the compiled graphs here).

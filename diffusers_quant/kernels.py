@@ -4,9 +4,9 @@ Each kernel reads a layer's packed weight once and writes the dense weight once 
 time, against ~0.1-0.25 ms for a ``torch.compile``d function's guards and wrappers); cuBLAS then runs the
 matmul. Every kernel reproduces its reference's arithmetic (the same operations in the same precision, so
 the same roundings): quanto's 8-bit rows and 2/4-bit packed groups, NNCF's float16 ``(q - zero) * scale``,
-ggml's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks and Q4_K / Q5_K / Q6_K super-blocks in the compute dtype; and
-compute=fp8 / int8's per-token activation quantization and int8 epilogue (``compute.py``). Where a kernel does not cover a layout it
-returns None and the caller falls back to the compiled function (``fused.py``).
+bitsandbytes' int8 rows (``backends/bnb_int8.py``), ggml's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks and Q4_K / Q5_K / Q6_K super-blocks in the compute dtype; and
+compute=fp8 / int8's per-token activation quantization and int8 epilogue (``compute.py``). Where a kernel
+does not cover a layout it returns None and the caller falls back to the compiled function (``fused.py``).
 
 Kernels are built on first use: for CUDA tensors compiled, for CPU tensors (tests only, ``KERNEL_DEVICES``)
 by Triton's interpreter, which runs the same kernel code with numpy (it rounds float32 -> bfloat16 by
@@ -93,12 +93,13 @@ def _define() -> SimpleNamespace:
         BITS: tl.constexpr,
         SYM_OFFSET: tl.constexpr,
         HAS_ZERO: tl.constexpr,
+        SCALE_MUL: tl.constexpr,
         MATH: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # out[r, c] = round_MATH((q - zero) * scale) for the group (r, c // GROUP_COLS; GROUP_COLS 0: one group a
-        # row): quanto's 8-bit rows (MATH the scale's dtype) and NNCF's int8 / int4 (MATH float16, then cast
-        # as NNCF does).
+        # row): quanto's 8-bit rows (MATH the scale's dtype), NNCF's int8 / int4 (MATH float16, then cast
+        # as NNCF does) and bitsandbytes' int8 rows (the float32 scale times SCALE_MUL, 1/127, first).
         # One program per row and BLOCK columns: no per-element division by a runtime value.
         r = tl.program_id(0)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -121,6 +122,8 @@ def _define() -> SimpleNamespace:
                 z = ((zb >> ((g & 1) * 4)) & 15).to(tl.float32)
             q = q - z
         s = tl.load(s_ptr + g, mask=live, other=0).to(tl.float32)
+        if SCALE_MUL != 1.0:
+            s = s * SCALE_MUL
         w = (q * s).to(MATH)
         tl.store(out_ptr + i, w.to(out_ptr.dtype.element_ty), mask=live)
 
@@ -609,8 +612,33 @@ def quanto_bytes(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None
     block = _block(cols)
     _launch(
         k.grouped, (rows, _cdiv(cols, block)),
-        data, scale, scale, out, cols, 1, GROUP_COLS=0, BITS=8, SYM_OFFSET=0, HAS_ZERO=False,
+        data, scale, scale, out, cols, 1, GROUP_COLS=0, BITS=8, SYM_OFFSET=0, HAS_ZERO=False, SCALE_MUL=1.0,
         MATH=getattr(k.tl, _MATH[scale.dtype]), BLOCK=block,
+    )  # fmt: skip
+    return out
+
+
+# bitsandbytes' int8 row scale (SCB) is the row's absmax: the codes' step is SCB * (1 / 127)
+BNB_INT8_STEP = 1.0 / 127.0
+
+
+def bnb_int8(data: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """bitsandbytes' int8 weight (codes ``[rows, cols]``, float32 row absmax ``scb`` ``[rows]``) in ``dtype``:
+    ``q * (scb * (1 / 127))`` rounded once (``backends.bnb_int8.int8_weight``)."""
+    if data.dim() != 2 or not data.is_contiguous() or data.dtype != torch.int8 or dtype not in _OUT_DTYPES:
+        return None
+    if scb.dtype != torch.float32 or scb.numel() != data.shape[0] or not scb.is_contiguous():
+        return None
+    k = _kernels(data)
+    if k is None:
+        return None
+    out = torch.empty(data.shape, dtype=dtype, device=data.device)
+    rows, cols = data.shape
+    block = _block(cols)
+    _launch(
+        k.grouped, (rows, _cdiv(cols, block)),
+        data, scb, scb, out, cols, 1, GROUP_COLS=0, BITS=8, SYM_OFFSET=0, HAS_ZERO=False,
+        SCALE_MUL=BNB_INT8_STEP, MATH=getattr(k.tl, _MATH[dtype]), BLOCK=block,
     )  # fmt: skip
     return out
 
@@ -665,7 +693,7 @@ def nncf(
         weight, half_scale, half_scale if zero_point is None else zero_point, out, cols, groups,
         GROUP_COLS=0 if groups == 1 else cols // groups, BITS=bits,
         SYM_OFFSET=8 if bits == 4 and zero_point is None else 0, HAS_ZERO=zero_point is not None,
-        MATH=k.tl.float16, BLOCK=block,
+        SCALE_MUL=1.0, MATH=k.tl.float16, BLOCK=block,
     )  # fmt: skip
     return out
 

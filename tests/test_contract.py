@@ -248,18 +248,25 @@ def test_pipeline_save_pretrained_round_trip(flux_path, tmp_path):
     assert (generate(reloaded, steps=2) == expected).all()
 
 
-def test_text_encoder_bnb_folder_loads_in_plain_transformers(flux_path, tmp_path):
+def test_text_encoder_bnb_folder_loads_in_plain_transformers(flux_path, tmp_path, monkeypatch):
     from transformers import T5EncoderModel
+
+    from diffusers_quant import fused
 
     diffusers_quant.install()
     encoder = T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", quant="text_encoder_2=bnb:int8")
-    ids = torch.arange(12).reshape(1, 12)
-    expected = encoder(ids).last_hidden_state
     assert encoder.hf_quantizer.is_serializable() and encoder.config.quantization_config.load_in_8bit
     encoder.save_pretrained(tmp_path / "t5")
     diffusers_quant.uninstall()
     plain = T5EncoderModel.from_pretrained(tmp_path / "t5")
     assert type(plain.encoder.block[0].layer[0].SelfAttention.q).__name__ == "Linear8bitLt"
+    # plain transformers puts a bnb model on the GPU where there is one: compare there (LLM.int8 on CUDA and
+    # on the CPU are different kernels)
+    encoder.to(plain.device)
+    ids = torch.arange(12).reshape(1, 12).to(plain.device)
+    with monkeypatch.context() as env:  # bitsandbytes' own forward (LLM.int8), as plain transformers runs it
+        env.setenv(fused.REFERENCE_ENV, "1")
+        expected = encoder(ids).last_hidden_state
     _assert_same_weights(plain(ids).last_hidden_state, expected)
 
 
@@ -471,13 +478,13 @@ def test_compiled_model_matches_eager(spec, flux_path):
 
 @pytest.mark.parametrize("bits", ["4", "8"])
 def test_a_text_encoder_saved_by_plain_transformers_with_bnb_loads_through_the_hooks(
-    bits, flux_path, tmp_path
+    bits, flux_path, tmp_path, monkeypatch
 ):
     from transformers import BitsAndBytesConfig, T5EncoderModel
 
     config = BitsAndBytesConfig(**{f"load_in_{bits}bit": True})
     plain = T5EncoderModel.from_pretrained(flux_path / "text_encoder_2", quantization_config=config)
-    ids = torch.arange(12).reshape(1, 12)
+    ids = torch.arange(12).reshape(1, 12).to(plain.device)  # on the GPU where there is one
     expected = plain(ids).last_hidden_state
     plain.save_pretrained(tmp_path / "text_encoder_2")
     diffusers_quant.install()
@@ -486,4 +493,11 @@ def test_a_text_encoder_saved_by_plain_transformers_with_bnb_loads_through_the_h
     assert ours.quant_report["text_encoder_2"].spec == (
         "bnb:int8" if bits == "8" else "bnb:fp4?double_quant=false"
     )
+    if bits == "8":  # our int8 layers run weight-only (backends/bnb_int8.py); plain ran LLM.int8
+        from diffusers_quant import fused
+        from diffusers_quant.backends.bnb_int8 import Linear8bitLt
+
+        assert type(ours.encoder.block[0].layer[0].SelfAttention.q) is Linear8bitLt
+        monkeypatch.setenv(fused.REFERENCE_ENV, "1")
+    ours.to(plain.device)  # LLM.int8 on CUDA and on the CPU are different kernels: compare on one device
     _assert_same_weights(ours(ids).last_hidden_state, expected)

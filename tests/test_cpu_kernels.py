@@ -15,6 +15,7 @@ import torch
 from diffusers_quant import cpu_kernels, fused
 from diffusers_quant.backends import get_backend
 from diffusers_quant.backends import quanto as quanto_backend
+from diffusers_quant.backends.bnb_int8 import int8_weight
 from diffusers_quant.backends.gguf.dequant import DEQUANTIZERS, block_info
 from diffusers_quant.backends.gguf.nn import GGUFLinear
 from diffusers_quant.backends.gguf.quantize import to_ggml
@@ -79,6 +80,16 @@ def test_quanto_8bit_rows_equal_quantos_dequantization(codes, dtype, built):
         data = data.view(torch.float8_e4m3fn)
     scale = _edge_scales(37, dtype)
     _same(cpu_kernels.quanto_bytes(data, scale), quanto_backend._bytes_weight(data, scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bitsandbytes_int8_rows_equal_its_dequantization(dtype, built):
+    """Every int8 code times edge row absmaxes (float32: bitsandbytes' SCB); a tail after the vectors."""
+    gen = torch.Generator().manual_seed(2)
+    data = torch.randint(-128, 128, (37, 100), generator=gen, dtype=torch.int8)
+    data[:, :5] = torch.tensor([0, 1, -1, 127, -128], dtype=torch.int8)
+    scb = _edge_scales(37, torch.float32).reshape(37) * 1000
+    _same(cpu_kernels.bnb_int8(data, scb, dtype), int8_weight(data, scb, dtype))
 
 
 def _packed(bits: int, group_rows: int, group: int, gen: torch.Generator) -> torch.Tensor:
@@ -274,9 +285,15 @@ def test_kernels_decline_what_they_do_not_cover(built):
     weight, half_scale = torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.int16)
     assert cpu_kernels.nncf(weight, half_scale, None, 8, 4, 32, torch.float64) is None
     assert cpu_kernels.nncf(weight, half_scale.float(), None, 8, 4, 32, torch.bfloat16) is None
+    scb = torch.ones(4)
+    assert cpu_kernels.bnb_int8(data, scb.half(), torch.bfloat16) is None  # SCB is float32
+    assert cpu_kernels.bnb_int8(data, scb[:3], torch.bfloat16) is None
+    assert cpu_kernels.bnb_int8(data.view(torch.uint8), scb, torch.bfloat16) is None
+    assert cpu_kernels.bnb_int8(data, scb, torch.float64) is None
 
 
 LAYERS = [
+    ("bnb", "int8"),
     ("quanto", "qint8"),
     ("quanto", "qfloat8"),
     ("quanto", "qint4"),
@@ -301,13 +318,13 @@ def _layer(backend: str, qtype: str, dtype=torch.bfloat16):
 def test_cpu_layers_take_the_c_kernel_and_match_the_torch_path(backend, qtype, built, monkeypatch):
     """Eager on the CPU a layer decodes with the C kernel; with the library missing it decodes with its torch
     CPU path, and both forwards agree bit for bit (as does the pure-torch reference's, except quanto's own
-    matmul, which scales after an integer matmul)."""
+    matmul, which scales after an integer matmul, and bitsandbytes' LLM.int8)."""
     monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
     monkeypatch.setenv(fused.FUSED_ENV, "all")
     layer = _layer(backend, qtype)
     x = torch.randn(2, 9, 256, dtype=torch.bfloat16)
     name = {"quanto": "quanto_bits" if qtype in ("qint4", "qint2") else "quanto_bytes"}.get(backend, backend)
-    name = "ggml" if backend == "gguf" else name
+    name = {"gguf": "ggml", "bnb": "bnb_int8"}.get(backend, name)
     calls = []
     real = getattr(cpu_kernels, name)
     monkeypatch.setattr(cpu_kernels, name, lambda *a: calls.append(1) or real(*a))
@@ -316,7 +333,7 @@ def test_cpu_layers_take_the_c_kernel_and_match_the_torch_path(backend, qtype, b
     monkeypatch.setattr(cpu_kernels, "library", lambda: None)
     without = layer(x)
     assert torch.equal(with_c, without)
-    if backend != "quanto":
+    if backend not in ("quanto", "bnb"):  # forced, bnb runs LLM.int8 (tests/backends/test_bnb_int8.py)
         monkeypatch.setenv(fused.REFERENCE_ENV, "1")
         assert torch.equal(with_c, layer(x))
 

@@ -123,14 +123,22 @@ def test_by_default_every_backend_fuses_and_the_switch_picks(fused_on_cpu, monke
 def test_an_unknown_backend_in_the_switch_names_the_choices(monkeypatch):
     monkeypatch.setenv(fused.FUSED_ENV, "quanto,gguff")
     with pytest.raises(
-        QuantError, match=r"unknown backend\(s\) gguff; expected all, none, or a comma list of gguf"
+        QuantError,
+        match=r"unknown backend\(s\) gguff; expected all, none, or a comma list of bnb, gguf, nncf, quanto",
     ):
         fused.fused_backends()
 
 
 @pytest.mark.parametrize(
     ("backend", "qtype"),
-    [("quanto", "qint4"), ("quanto", "qint8"), ("nncf", "int4_sym"), ("bnb", "nf4"), ("gguf", "q8_0")],
+    [
+        ("quanto", "qint4"),
+        ("quanto", "qint8"),
+        ("nncf", "int4_sym"),
+        ("bnb", "nf4"),
+        ("bnb", "int8"),
+        ("gguf", "q8_0"),
+    ],
 )
 def test_no_graph_break_inside_a_quantized_linear(backend, qtype, fused_on_cpu):
     """Compiled inside a model, a layer is traced whole (the fused path stands aside for the outer graph)."""

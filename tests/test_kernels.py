@@ -70,6 +70,19 @@ def _quantized_weight(backend, qtype, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [*HALF, torch.float32])
+def test_bnb_int8_kernel_decodes_as_bitsandbytes_does(dtype, device, kernels_here):
+    from diffusers_quant.backends.bnb_int8 import int8_weight
+
+    layer = (
+        get_backend("bnb").quantize_linear(_linear(torch.bfloat16), Spec.parse("bnb:int8"), dtype).to(device)
+    )
+    data, scb = layer.weight.data, layer.weight.SCB
+    assert scb is not None and scb.dtype == torch.float32
+    _same(kernels.bnb_int8(data, scb, dtype), int8_weight(data, scb, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32])
 @pytest.mark.parametrize("qtype", ["int8", "int8_sym", "int4", "int4_sym"])
 def test_nncf_kernel_decompresses_as_nncf_does(qtype, dtype, device, kernels_here):
     layer = get_backend("nncf").quantize_linear(_linear(torch.float32), Spec.parse(f"nncf:{qtype}"), dtype)

@@ -58,9 +58,16 @@ def _reset_int8_explanation():
             f.int8_explained = False
 
 
-def test_bnb_int8_cast_is_explained_once_not_logged_per_matmul(flux_path, caplog):
+@pytest.mark.parametrize("forward", ["weight-only", "llm.int8"])
+def test_bnb_int8_cast_is_explained_once_not_logged_per_matmul(forward, flux_path, caplog, monkeypatch):
+    """bitsandbytes' LLM.int8 (the int8 layers' forward with the fused path off) logs a cast on every matmul:
+    said once, as ours; the weight-only forward casts nothing and says nothing."""
     from transformers import T5EncoderModel
 
+    from diffusers_quant import fused
+
+    monkeypatch.delenv(fused.REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(fused.FUSED_ENV, "all" if forward == "weight-only" else "none")
     diffusers_quant.install()
     _reset_int8_explanation()
     caplog.set_level(logging.WARNING)
@@ -72,6 +79,9 @@ def test_bnb_int8_cast_is_explained_once_not_logged_per_matmul(flux_path, caplog
             encoder(torch.tensor([[4, 5, 6, 1]]))
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")]
     assert not any("inputs will be cast" in m for m in messages)
+    if forward == "weight-only":
+        assert messages == []
+        return
     assert len(messages) == 1 and "bnb:int8 layers compute in float16" in messages[0]
     assert "torch.bfloat16" in messages[0] and "nothing to do" in messages[0]
 

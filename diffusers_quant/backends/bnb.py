@@ -1,8 +1,9 @@
-"""bitsandbytes: nf4 / fp4 (4-bit blockwise) and int8 (LLM.int8), on CPU and CUDA.
+"""bitsandbytes: nf4 / fp4 (4-bit blockwise) and int8 (LLM.int8's format), on CPU and CUDA.
 
 bitsandbytes 0.50 quantizes on CPU as well as CUDA, so unlike diffusers' BitsAndBytesConfig path this
 backend does not require a GPU.  Quantization happens when a ``Params4bit`` / ``Int8Params`` is moved
 with ``.to(device)``; we move it to the device it already sits on, so no copy goes anywhere else.
+4-bit layers run bitsandbytes' own forward; int8 layers run weight-only (``bnb_int8.py``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class BnbBackend(Backend):
     options = {
         "double_quant": "4-bit: also quantize the block scales (default true)",
         "blocksize": "4-bit: weights per scale block (default 64)",
-        "threshold": "int8: outlier threshold of LLM.int8 (default 6.0; 0 disables outlier handling)",
+        "threshold": "int8: outlier threshold of LLM.int8, bitsandbytes' int8 matmul, which the layers run only "
+        "with DIFFUSERS_QUANT_FUSED not naming bnb (default 6.0; 0 disables outlier handling)",
         "compute_dtype": "4-bit: dtype of the matmul (default: the load's dtype)",
     }
 
@@ -157,6 +159,7 @@ class BnbBackend(Backend):
             # Int8Params only quantizes on a move *from* the CPU; quantize where the weight already is, so a
             # weight read straight onto the GPU is not left in full precision.
             layer.weight._quantize(device)
+            _weight_only(layer)
         else:
             if spec.option("compute_dtype"):
                 compute_dtype = getattr(torch, normalize_dtype(spec.option("compute_dtype")))
@@ -242,6 +245,7 @@ class BnbBackend(Backend):
             weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
             weight.CB, weight.SCB = data, tensors["SCB"].to(device)
             layer.weight = weight
+            _weight_only(layer)
         else:
             layer = bnb.nn.Linear4bit(
                 config["in_features"],
@@ -262,6 +266,7 @@ class BnbBackend(Backend):
 
     def settle_layer(self, module) -> None:
         _keep_saved_layout(module)
+        _weight_only(module)
 
     def offload_ready(self, module) -> None:
         _keep_state_with_weight(module)
@@ -291,6 +296,14 @@ class BnbBackend(Backend):
         if weight.blocksize != 64:
             options["blocksize"] = weight.blocksize
         return Spec.create(self.name, weight.quant_type, **options)
+
+
+def _weight_only(module) -> None:
+    """An int8 layer runs weight-only: bitsandbytes' dequantize + matmul, not LLM.int8 (``bnb_int8.py``)."""
+    if type(module).__name__ == "Linear8bitLt":
+        from .bnb_int8 import adopt
+
+        adopt(module)
 
 
 def _keep_saved_layout(module) -> None:
