@@ -5,7 +5,8 @@
 The flux-width transformer (3 + 6 blocks at Flux's width, 1.93 B parameters, random weights) at 1024x1024
 (4096 image + 512 text tokens), one denoising step. Rows: bf16; plain optimum-quanto (``quantize`` +
 ``freeze``, what diffusers' ``QuantoConfig`` does); this package's quanto layers weight-only; the same with
-``compute=fp8`` / ``compute=int8``. Each eager and with diffusers' regional compilation
+``compute=fp8`` / ``compute=int8``; its bitsandbytes int8 layers (``ours-bnb:int8``) weight-only and with
+``compute=int8``. Each eager and with diffusers' regional compilation
 (``compile_repeated_blocks``: the two block classes compiled once each). Reported: median step time and
 its ratio to bf16 eager and to bf16 compiled, the weights' bytes, the GPU peak, and the output's rel-L2
 error against bf16 eager. Writes compute.json, compute.md and compute.png.
@@ -95,8 +96,9 @@ def build(kind: str, base, device):
         quantize(model, weights={"qfloat8": qfloat8, "qint8": qint8}[rest])
         freeze(model)
         return model
-    spec, _, compute = rest.partition("+")
-    diffusers_quant.quantize(model, f"quanto:{spec}", kind="transformer", device=str(device))
+    qtype, _, compute = rest.partition("+")
+    library = "bnb" if backend == "ours-bnb" else "quanto"
+    diffusers_quant.quantize(model, f"{library}:{qtype}", kind="transformer", device=str(device))
     if compute:
         switched = enable_compute(model, compute, device)
         assert switched > 0, kind
@@ -111,6 +113,8 @@ ROWS = (
     "plain-quanto:qint8",
     "ours:qint8",
     "ours:qint8+int8",
+    "ours-bnb:int8",
+    "ours-bnb:int8+int8",
 )
 
 

@@ -9,8 +9,9 @@ the two row scales applied to the result. Eager on CUDA the quantization is one 
 were five kernels, and a compiled function's per-call host cost made eager steps slower than bf16); inside a
 compiled model the same ops are traced into its graph.
 
-The layer stays quanto's ``QLinear`` (its class is a subclass of it with only ``forward`` changed), so
-save, LoRA and dequantize work as before; ``disable_compute`` puts the class back. The pure-torch
+bitsandbytes' int8 layers (``bnb:int8``) run compute=int8 too: their codes are int8 rows with one scale
+each, ``SCB / 127``. The layer stays quanto's ``QLinear`` or bitsandbytes' ``Linear8bitLt`` (its class is
+a subclass of it with only ``forward`` changed), so save, LoRA and dequantize work as before; ``disable_compute`` puts the class back. The pure-torch
 reference (the same quantization, dequantized, matmul in float32) runs everywhere; the environment
 variable ``DIFFUSERS_QUANT_REFERENCE=1`` forces it.
 """
@@ -22,6 +23,7 @@ import functools
 import torch
 
 from . import kernels
+from .backends.base import layer_class_name
 from .errors import QuantError
 from .fused import reference_forced, tracing  # one switch forces every reference path
 from .spec import COMPUTES
@@ -137,9 +139,14 @@ def w8a8_linear(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
 
 
 def _weight_parts(module) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """The codes, per-row scales and kind of a quanto layer this can run, else None."""
-    if getattr(type(module), "_w8a8_base", type(module)).__name__ != "QLinear":
-        return None  # quanto's layer itself, never a wrapper around one (PEFT's LoRA layers reach its weight)
+    """The codes, per-row scales and kind of a quanto or bitsandbytes int8 layer this can run, else None."""
+    name = layer_class_name(module)
+    if name == "Linear8bitLt":  # bitsandbytes' int8 rows: codes times SCB / 127 (backends/bnb_int8.py)
+        from .backends.bnb_int8 import w8a8_parts
+
+        return w8a8_parts(module)
+    if name != "QLinear":
+        return None  # the library's layer itself, never a wrapper around one (PEFT's LoRA layers reach it)
     weight = getattr(module, "weight", None)
     data, scale = getattr(weight, "_data", None), getattr(weight, "_scale", None)
     if not isinstance(data, torch.Tensor) or not isinstance(scale, torch.Tensor):
@@ -156,7 +163,7 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 def _w8a8_class(base: type) -> type:
-    """A subclass of quanto's layer class whose forward is the W8A8 matmul (made once per base class)."""
+    """A subclass of the layer's class whose forward is the W8A8 matmul (made once per base class)."""
     if base not in _SUBCLASSES:
 
         def forward(self, x):
@@ -181,9 +188,20 @@ def supports_fp8_matmul(device: torch.device | str) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def int8_matmul_pays(device: torch.device | str) -> bool:
+    """Whether int8 tensor-core matmuls beat the weight-only bf16 one: NVIDIA Ampere / Ada (compute
+    capability 8.x). On Hopper cuBLAS's int8 matmul is not where the chip is fast: compute=int8 took 1.30x
+    the bf16 step eager against 1.07x weight-only (``benchmarks/results/nvidia-h200/session7-compute/``)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return (8, 0) <= torch.cuda.get_device_capability(device) < (9, 0)
+
+
 def enable_compute(model: torch.nn.Module, compute: str, device: torch.device | str = "cpu") -> int:
     """Switch the quantized Linears of ``model`` that ``compute`` can run to the W8A8 forward; returns how
-    many. ``auto``: fp8 layers where the device has fp8 matmuls, int8 layers on CUDA."""
+    many. ``auto``: fp8 layers where the device has fp8 matmuls, int8 layers where int8 matmuls pay
+    (:func:`int8_matmul_pays`)."""
     if compute not in COMPUTES:
         raise QuantError(f"compute={compute!r}; expected one of {', '.join(COMPUTES)}")
     if compute == "none":
@@ -196,7 +214,9 @@ def enable_compute(model: torch.nn.Module, compute: str, device: torch.device | 
             continue
         kind = parts[2]
         wanted = compute == kind or (
-            compute == "auto" and device.type == "cuda" and (kind == "int8" or supports_fp8_matmul(device))
+            compute == "auto"
+            and device.type == "cuda"
+            and (int8_matmul_pays(device) if kind == "int8" else supports_fp8_matmul(device))
         )
         if wanted:
             module.__class__ = _w8a8_class(type(module))

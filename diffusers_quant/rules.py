@@ -238,15 +238,15 @@ def _saved_problems(plan: Plan, c: Component) -> list[str]:
     return found
 
 
-# compute mode -> the spec whose weights it runs (per-row fp8 e4m3 / int8 codes)
-COMPUTE_SPECS = {"fp8": "quanto:qfloat8", "int8": "quanto:qint8"}
+# compute mode -> the specs whose weights it runs (per-row fp8 e4m3 / int8 codes)
+COMPUTE_SPECS = {"fp8": ("quanto:qfloat8",), "int8": ("quanto:qint8", "bnb:int8")}
 
 
 def _compute_problems(plan: Plan, c: Component, spec: Spec) -> list[str]:
     """compute=fp8 / int8 runs the matmuls of one weight format each; any other spec in the plan is refused
     (compute=auto applies where it can and refuses nothing)."""
     wanted = COMPUTE_SPECS.get(plan.compute)
-    if wanted is None or f"{spec.backend}:{spec.qtype}" == wanted:
+    if wanted is None or f"{spec.backend}:{spec.qtype}" in wanted:
         if plan.compute == "fp8" and device_type(plan.device) == "cuda":
             import torch
 
@@ -255,12 +255,12 @@ def _compute_problems(plan: Plan, c: Component, spec: Spec) -> list[str]:
             if torch.cuda.is_available() and not supports_fp8_matmul(plan.device):
                 return [
                     f"{c.name}: compute=fp8 needs fp8 tensor cores (NVIDIA Ada / Hopper or later); fix: "
-                    "compute=int8 with quanto:qint8, or compute=none"
+                    f"compute=int8 with {' or '.join(COMPUTE_SPECS['int8'])}, or compute=none"
                 ]
         return []
     return [
-        f"{c.name} ({c.kind}) with {spec}: compute={plan.compute} runs {wanted} layers only; fix: "
-        f"{c.name}={wanted}, or compute=auto (W8A8 where the weights allow it)"
+        f"{c.name} ({c.kind}) with {spec}: compute={plan.compute} runs {' or '.join(wanted)} layers only; "
+        f"fix: {' or '.join(f'{c.name}={w}' for w in wanted)}, or compute=auto (W8A8 where the weights allow it)"
     ]
 
 

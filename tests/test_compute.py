@@ -146,6 +146,69 @@ def test_compute_mode_switches_the_quantized_layers(tmp_path, monkeypatch, spec,
     assert diffusers_quant.enable_compute(weight_only, "none") == len(layers)
 
 
+def test_compute_int8_runs_bitsandbytes_int8_layers(tmp_path, monkeypatch):
+    """bnb:int8 layers hold int8 rows with one scale each (SCB / 127): compute=int8 quantizes their input
+    per token and runs the int8 matmul; the model stays a bitsandbytes model (saves, reloads weight-only)."""
+    import bitsandbytes as bnb
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_quant.backends import bnb_int8
+    from diffusers_quant.backends.bnb_int8 import int8_weight
+
+    monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    spec = "bnb:int8?min_features=16"
+    _tiny_flux(tmp_path / "transformer")
+    diffusers_quant.install()
+    try:
+        plain = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+        weight_only = FluxTransformer2DModel.from_pretrained(
+            tmp_path / "transformer", quant=f"transformer={spec}"
+        )
+        w8a8 = FluxTransformer2DModel.from_pretrained(
+            tmp_path / "transformer", quant=f"transformer={spec};compute=int8"
+        )
+    finally:
+        diffusers_quant.uninstall()
+    layers = [m for m in w8a8.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert layers and all(type(m).__name__ == "W8A8Linear8bitLt" for m in layers)
+    assert w8a8.quant_report.components[0].compute == f"int8 x{len(layers)}"
+    assert w8a8.hf_quantizer is not None and w8a8.hf_quantizer.is_serializable
+
+    # one layer: the int8 matmul of per-token codes equals the reference on bitsandbytes' own weight
+    layer = next(m for m in layers if m.in_features % 16 == 0 and m.out_features % 16 == 0)
+    x = torch.randn(2, 24, layer.in_features).to(torch.bfloat16)
+    steps = layer.weight.SCB.float().unsqueeze(1) / 127
+    with torch.no_grad():
+        got = layer(x)
+    want = w8a8_reference(x, layer.weight.data, steps.flatten(), layer.bias, "int8")
+    assert _rel(got, want) < 1e-2
+    dense = (
+        x.float() @ int8_weight(layer.weight.data, layer.weight.SCB, torch.float32).t() + layer.bias.float()
+    )
+    assert _rel(got, dense) < 2e-2 and not torch.equal(got, bnb_int8.Linear8bitLt.forward(layer, x))
+
+    expected = _run(plain)
+    out = _run(w8a8)
+    assert _rel(out, expected) < 5e-2 and not torch.equal(out, _run(weight_only))
+    monkeypatch.setenv(REFERENCE_ENV, "1")
+    assert _rel(_run(w8a8), out) < 1e-2
+    monkeypatch.delenv(REFERENCE_ENV)
+
+    # saved in bitsandbytes' layout; reloaded it is the weight-only model, byte for byte
+    w8a8.save_pretrained(tmp_path / "saved")
+    diffusers_quant.install()
+    try:
+        again = FluxTransformer2DModel.from_pretrained(tmp_path / "saved")
+    finally:
+        diffusers_quant.uninstall()
+    _same_tensors(again, weight_only)
+    assert _rel(_run(again), _run(weight_only)) < 1e-5
+    assert disable_compute(w8a8) == len(layers)
+    assert torch.equal(_run(w8a8), _run(weight_only))
+    assert diffusers_quant.enable_compute(weight_only, "int8") == len(layers)
+    assert torch.equal(_run(weight_only), out)
+
+
 def test_a_compute_mode_the_specs_cannot_run_is_refused_before_loading(tmp_path):
     from diffusers import FluxTransformer2DModel
 
@@ -160,10 +223,47 @@ def test_a_compute_mode_the_specs_cannot_run_is_refused_before_loading(tmp_path)
     finally:
         diffusers_quant.uninstall()
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    diffusers_quant.install()
+    try:
+        with pytest.raises(
+            PlanRefused,
+            match=r"compute=int8 runs quanto:qint8 or bnb:int8 layers only; fix: transformer=quanto:qint8 "
+            r"or transformer=bnb:int8, or compute=auto",
+        ):
+            FluxTransformer2DModel.from_pretrained(
+                tmp_path / "transformer", quant="transformer=nncf:int8;compute=int8"
+            )
+    finally:
+        diffusers_quant.uninstall()
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     with pytest.raises(SpecError, match=r"compute='fp4'; expected one of"):
         Plan.parse("transformer=quanto:qint8;compute=fp4")
     assert Plan.parse("transformer=quanto:qint8;compute=int8").compute == "int8"
     assert "compute=int8" in str(Plan.parse("transformer=quanto:qint8;compute=int8"))
+
+
+@pytest.mark.gpu
+def test_a_bitsandbytes_int8_layer_runs_compute_int8_on_cuda_eager_and_compiled():
+    """A bnb:int8 layer quantized on the CPU, moved to CUDA and switched: the Triton quantization, the int8
+    matmul and the epilogue give the reference's output, eager and compiled."""
+    from diffusers_quant.backends import get_backend
+    from diffusers_quant.compute import enable_compute
+    from diffusers_quant.spec import Spec
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3072, 1024).to(torch.bfloat16)
+    layer = get_backend("bnb").quantize_linear(linear, Spec.parse("bnb:int8"), torch.bfloat16).eval()
+    model = torch.nn.Sequential(layer).cuda()
+    assert enable_compute(model, "int8", "cuda") == 1 and type(model[0]).__name__ == "W8A8Linear8bitLt"
+    x = torch.randn(2, 300, 3072, dtype=torch.bfloat16, device="cuda")
+    steps = model[0].weight.SCB.float() / 127
+    want = w8a8_reference(x, model[0].weight.data, steps, model[0].bias, "int8")
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model)(x)
+    assert _rel(eager, want) < 1e-2 and _rel(compiled, want) < 1e-2
+    assert _rel(eager, linear.cuda()(x)) < 3e-2
 
 
 @pytest.mark.gpu
@@ -210,7 +310,10 @@ def test_the_kernel_takes_column_major_and_empty_inputs():
         assert empty.shape == (0, 32)
 
 
-def test_a_lora_stays_on_through_the_switch_and_the_layers_stay_quantized(tmp_path):
+@pytest.mark.parametrize(
+    "spec, cls_name", [("quanto:qint8", "W8A8QLinear"), ("bnb:int8", "W8A8Linear8bitLt")]
+)
+def test_a_lora_stays_on_through_the_switch_and_the_layers_stay_quantized(tmp_path, spec, cls_name):
     import pickle
 
     from diffusers import FluxTransformer2DModel
@@ -221,7 +324,7 @@ def test_a_lora_stays_on_through_the_switch_and_the_layers_stay_quantized(tmp_pa
     diffusers_quant.install()
     try:
         model = FluxTransformer2DModel.from_pretrained(
-            tmp_path / "transformer", quant="transformer=quanto:qint8?min_features=16"
+            tmp_path / "transformer", quant=f"transformer={spec}?min_features=16"
         )
     finally:
         diffusers_quant.uninstall()
@@ -236,12 +339,12 @@ def test_a_lora_stays_on_through_the_switch_and_the_layers_stay_quantized(tmp_pa
     model.load_lora_adapter(state, adapter_name="style", prefix=None)
     with_lora = _run(model)
     switched = diffusers_quant.enable_compute(model, "int8")
-    # quanto's layers switch, PEFT's wrappers around them do not (their forward adds the LoRA)
+    # the library's layers switch, PEFT's wrappers around them do not (their forward adds the LoRA)
     assert switched == layers and len(quantized_layers(model)) == layers
     assert not any(type(m).__name__.startswith("W8A8") and hasattr(m, "lora_A") for m in model.modules())
     out = _run(model)
     assert _rel(out, with_lora) < 0.3 * _rel(with_lora, base)
-    cls = next(type(m) for m in model.modules() if type(m).__name__ == "W8A8QLinear")
+    cls = next(type(m) for m in model.modules() if type(m).__name__ == cls_name)
     assert pickle.loads(pickle.dumps(cls)) is cls
 
 

@@ -91,8 +91,9 @@ class Backend:
 
     def owns(self, module: torch.nn.Module) -> bool:
         """Whether ``module`` is one of this backend's quantized layers."""
-        # a layer switched to a compute mode (compute.py) is still its base class's layer
-        return getattr(type(module), "_w8a8_base", type(module)).__name__ in self.layer_types
+        if getattr(module, "base_layer", None) is not None:
+            return False  # PEFT's LoRA wrapper around the layer (its bnb ones have the layer's class name)
+        return layer_class_name(module) in self.layer_types
 
     def layer_config(self, module: torch.nn.Module) -> dict | None:
         """JSON description of a quantized layer of this backend (None if ``module`` is not one)."""
@@ -167,3 +168,9 @@ class Backend:
 
     def describe(self) -> str:
         return f"{self.name}: {', '.join(self.qtypes)}"
+
+
+def layer_class_name(module: torch.nn.Module) -> str:
+    """The name of ``module``'s layer class; a layer switched to a compute mode (``compute.py``) is still its
+    base class's layer."""
+    return getattr(type(module), "_w8a8_base", type(module)).__name__

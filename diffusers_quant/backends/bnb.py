@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import SpecError
-from .base import Backend
+from .base import Backend, layer_class_name
 
 if TYPE_CHECKING:
     import torch
@@ -191,7 +191,7 @@ class BnbBackend(Backend):
     # --- the model contract: bitsandbytes' own layout and config, as diffusers and transformers save it ---
 
     def model_flags(self, module):
-        eight = type(module).__name__ == "Linear8bitLt"
+        eight = _is_int8(module)
         # PEFT picks its bnb LoRA layers (whose merge dequantizes and re-quantizes) from these flags
         return {
             "is_loaded_in_8bit": eight,
@@ -211,7 +211,7 @@ class BnbBackend(Backend):
         else:
             from diffusers import BitsAndBytesConfig
         first = layers[0]
-        if type(first).__name__ == "Linear8bitLt":
+        if _is_int8(first):
             return BitsAndBytesConfig(
                 load_in_8bit=True, llm_int8_threshold=first.state.threshold, llm_int8_skip_modules=skip
             )
@@ -277,7 +277,7 @@ class BnbBackend(Backend):
 
         _keep_saved_layout(module)
         weight = module.weight
-        if type(module).__name__ == "Linear8bitLt":
+        if _is_int8(module):
             scb = weight.SCB if weight.SCB is not None else module.state.SCB
             return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
         return F.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
@@ -286,7 +286,7 @@ class BnbBackend(Backend):
         from ..spec import Spec
 
         # options at their defaults are left out, so the report reads as the plan was written
-        if type(module).__name__ == "Linear8bitLt":
+        if _is_int8(module):
             threshold = float(module.state.threshold)
             return Spec.create(self.name, "int8", **({} if threshold == 6.0 else {"threshold": threshold}))
         weight = module.weight
@@ -298,9 +298,13 @@ class BnbBackend(Backend):
         return Spec.create(self.name, weight.quant_type, **options)
 
 
+def _is_int8(module) -> bool:
+    return layer_class_name(module) == "Linear8bitLt"
+
+
 def _weight_only(module) -> None:
     """An int8 layer runs weight-only: bitsandbytes' dequantize + matmul, not LLM.int8 (``bnb_int8.py``)."""
-    if type(module).__name__ == "Linear8bitLt":
+    if _is_int8(module):
         from .bnb_int8 import adopt
 
         adopt(module)
@@ -411,7 +415,7 @@ def _link(obj, module, prefix: str, fields: tuple[str, ...]) -> None:
 
 
 def _keep_state_with_weight(module) -> None:
-    if type(module).__name__ == "Linear8bitLt":
+    if _is_int8(module):
         weight, state = module.weight, module.state
         scb = weight.SCB if weight.SCB is not None else state.SCB
         weight.CB = weight.SCB = None  # what init_8bit_state leaves: the state below is what runs

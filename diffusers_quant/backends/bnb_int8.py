@@ -54,18 +54,37 @@ def graph_weight(data: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> t
     return int8_weight(data, scb, dtype) if out is None else out
 
 
+def _codes(layer: bnb.nn.Linear8bitLt) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's int8 weight ``[out, in]`` and float32 row absmax (SCB), or None while it holds float
+    weights (``has_fp16_weights``, or not quantized yet)."""
+    weight, state = layer.weight, layer.state
+    if state.has_fp16_weights or weight.dtype != torch.int8 or weight.dim() != 2:
+        return None
+    scb = weight.SCB if weight.SCB is not None else state.SCB
+    return None if scb is None else (weight, scb)
+
+
+def w8a8_parts(layer: bnb.nn.Linear8bitLt) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """compute=int8 (``compute.py``): the int8 codes, their per-row steps ``SCB * (1 / 127)`` as a float32
+    ``[out, 1]`` (the scale ``int8_weight`` multiplies by) and ``"int8"``, or None (PEFT's LoRA wrapper,
+    named Linear8bitLt too, is not bitsandbytes' layer: its forward adds the LoRA)."""
+    if not isinstance(layer, bnb.nn.Linear8bitLt):
+        return None
+    codes = _codes(layer)
+    if codes is None:
+        return None
+    weight, scb = codes
+    return weight.data, (scb.float() * kernels.BNB_INT8_STEP).unsqueeze(1), "int8"
+
+
 def weight_only_linear(layer: bnb.nn.Linear8bitLt, x: torch.Tensor) -> torch.Tensor | None:
     """``F.linear`` of ``x`` and ``layer``'s dequantized int8 weight, or None where bitsandbytes' own forward
     runs: the backend not fused or the reference forced (``fused.fast_path``), a device without a fast path,
     a layer still holding float weights, an input that is not a float tensor."""
-    weight, state = layer.weight, layer.state
-    if state.has_fp16_weights or weight.dtype != torch.int8 or weight.dim() != 2:
+    codes = _codes(layer)
+    if codes is None or x.dtype not in _FLOATS or x.shape[-1] != codes[0].shape[1]:
         return None
-    if x.dtype not in _FLOATS or x.shape[-1] != weight.shape[1]:
-        return None
-    scb = weight.SCB if weight.SCB is not None else state.SCB
-    if scb is None:
-        return None
+    weight, scb = codes
     path = fast_path(x, "bnb")
     if path == "fused":
         decode = _fused_weight().fast

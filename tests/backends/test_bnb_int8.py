@@ -151,6 +151,36 @@ def test_a_loaded_and_reloaded_model_runs_the_weight_only_forward(flux_path, tmp
         assert torch.equal(layers[0](x), reloaded[0](x))
 
 
+def test_peft_lora_wrappers_are_not_taken_for_bitsandbytes_layers(flux_path, defaults):
+    """PEFT's bnb LoRA wrappers are named Linear8bitLt / Linear4bit too: they are not quantized layers of
+    their own, so counting, settling and preparing for offload pass them by (preparing one raised
+    AttributeError: no ``state``)."""
+    from diffusers import FluxTransformer2DModel
+
+    import diffusers_quant
+    from diffusers_quant.contract import quantized_layers
+    from diffusers_quant.offload import offload_ready
+
+    diffusers_quant.install()
+    model = FluxTransformer2DModel.from_pretrained(
+        flux_path / "transformer", quant="transformer=bnb:int8", torch_dtype=torch.bfloat16
+    )
+    before = len(quantized_layers(model))
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in model.named_modules():
+        if name.endswith("attn.to_q") and isinstance(module, bnb.nn.Linear8bitLt):
+            state[f"{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g)
+            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g)
+    assert state
+    model.load_lora_adapter(state, adapter_name="style", prefix=None)
+    wrappers = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt" and hasattr(m, "base_layer")]
+    assert len(wrappers) == len(state) // 2
+    assert len(quantized_layers(model)) == before
+    offload_ready(model)
+    assert all(get_backend("bnb").owns(w.base_layer) for w in wrappers)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["weight-only", "bitsandbytes"])
 def test_a_layer_quantized_on_the_cpu_runs_on_cuda_after_a_move(mode, defaults, monkeypatch):
