@@ -57,9 +57,16 @@ def w8a8_reference(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
 def _fp8_mm(xq, x_scale, weight, w_scale, bias, dtype) -> torch.Tensor:
     """The fp8 tensor-core matmul of per-token codes ``xq`` (scales ``(M, 1)``) and per-row weight codes
     (scales ``(1, N)``), in ``dtype``."""
+    if not xq.is_cuda:
+        # torch 2.11's CPU kernel takes only per-tensor scales (an internal assert otherwise; 2.13 takes rows):
+        # the unit-scaled product in float32, then the two row scales, as the row-wise epilogue applies them
+        one = torch.ones((), dtype=torch.float32, device=xq.device)
+        out = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        out = (out * x_scale * w_scale).to(dtype)
+        return out if bias is None else out + bias.to(dtype)
     # the bias is added in the matmul's epilogue (cuBLASLt takes one in the output dtype)
     fused = bias.to(dtype) if bias is not None and dtype in (torch.bfloat16, torch.float16) else None
-    # fast accumulation (Hopper's fp8 accumulators, as torchao's inference path uses): CUDA only
+    # fast accumulation (Hopper's fp8 accumulators, as torchao's inference path uses)
     out = torch._scaled_mm(
         xq,
         weight.t(),
@@ -67,7 +74,7 @@ def _fp8_mm(xq, x_scale, weight, w_scale, bias, dtype) -> torch.Tensor:
         scale_b=w_scale,
         bias=fused,
         out_dtype=dtype,
-        use_fast_accum=xq.is_cuda,
+        use_fast_accum=True,
     )
     if bias is not None and fused is None:
         out = out + bias.to(out.dtype)
