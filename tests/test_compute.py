@@ -95,30 +95,28 @@ def _run(model):
         return model(**inputs)[0]
 
 
-@pytest.mark.parametrize(
-    "spec, compute", [("quanto:qfloat8?min_features=16", "fp8"), ("quanto:qint8?min_features=16", "int8")]
-)
-def test_compute_mode_switches_the_quantized_layers(tmp_path, monkeypatch, spec, compute):
+def _three_loads(folder, spec: str, compute: str):
+    """The tiny transformer loaded plain, weight-only with ``spec``, and with ``spec`` and ``compute``."""
     from diffusers import FluxTransformer2DModel
-    from optimum.quanto import QLinear
 
-    _tiny_flux(tmp_path / "transformer")
+    _tiny_flux(folder)
     diffusers_quant.install()
     try:
-        plain = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
-        weight_only = FluxTransformer2DModel.from_pretrained(
-            tmp_path / "transformer", quant=f"transformer={spec}"
-        )
-        w8a8 = FluxTransformer2DModel.from_pretrained(
-            tmp_path / "transformer", quant=f"transformer={spec};compute={compute}"
-        )
+        plain = FluxTransformer2DModel.from_pretrained(folder)
+        weight_only = FluxTransformer2DModel.from_pretrained(folder, quant=f"transformer={spec}")
+        w8a8 = FluxTransformer2DModel.from_pretrained(folder, quant=f"transformer={spec};compute={compute}")
     finally:
         diffusers_quant.uninstall()
-    layers = [m for m in w8a8.modules() if isinstance(m, QLinear)]
-    switched = [m for m in layers if type(m).__name__ == "W8A8QLinear"]
-    assert layers and len(switched) == len(layers)
+    return plain, weight_only, w8a8
+
+
+def _check_switched_model(tmp_path, monkeypatch, plain, weight_only, w8a8, compute: str, layers: int) -> None:
+    """A model switched to ``compute``: its report, its output (near plain, not weight-only's), the reference
+    switch, the save / reload (weight-only again, the same tensors) and the switch both ways."""
+    from diffusers import FluxTransformer2DModel
+
     row = w8a8.quant_report.components[0]
-    assert row.compute == f"{compute} x{len(layers)}" and f"compute={compute}" in str(w8a8.quant_report)
+    assert row.compute == f"{compute} x{layers}" and f"compute={compute}" in str(w8a8.quant_report)
     expected = _run(plain)
     out = _run(w8a8)
     # activations quantized too: close to the weight-only model, not equal to it
@@ -127,7 +125,7 @@ def test_compute_mode_switches_the_quantized_layers(tmp_path, monkeypatch, spec,
     monkeypatch.setenv(REFERENCE_ENV, "1")
     assert _rel(_run(w8a8), out) < 1e-2
     monkeypatch.delenv(REFERENCE_ENV)
-    # still a quanto model: it saves in quanto's layout and reloads weight-only
+    # still the library's model: it saves in its layout and reloads weight-only
     w8a8.save_pretrained(tmp_path / "saved")
     diffusers_quant.install()
     try:
@@ -138,40 +136,38 @@ def test_compute_mode_switches_the_quantized_layers(tmp_path, monkeypatch, spec,
     # weights' memory alignment on some CPUs, and the reload places the unquantized weights differently)
     _same_tensors(again, weight_only)
     assert _rel(_run(again), _run(weight_only)) < 1e-5
-    assert disable_compute(w8a8) == len(layers)
+    assert disable_compute(w8a8) == layers
     assert torch.equal(_run(w8a8), _run(weight_only))
     # the same switch on a model loaded weight-only, through the public function
-    assert diffusers_quant.enable_compute(weight_only, compute) == len(layers)
+    assert diffusers_quant.enable_compute(weight_only, compute) == layers
     assert torch.equal(_run(weight_only), out)
+
+
+@pytest.mark.parametrize(
+    "spec, compute", [("quanto:qfloat8?min_features=16", "fp8"), ("quanto:qint8?min_features=16", "int8")]
+)
+def test_compute_mode_switches_the_quantized_layers(tmp_path, monkeypatch, spec, compute):
+    from optimum.quanto import QLinear
+
+    plain, weight_only, w8a8 = _three_loads(tmp_path / "transformer", spec, compute)
+    layers = [m for m in w8a8.modules() if isinstance(m, QLinear)]
+    assert layers and all(type(m).__name__ == "W8A8QLinear" for m in layers)
+    _check_switched_model(tmp_path, monkeypatch, plain, weight_only, w8a8, compute, len(layers))
     assert diffusers_quant.enable_compute(weight_only, "none") == len(layers)
 
 
 def test_compute_int8_runs_bitsandbytes_int8_layers(tmp_path, monkeypatch):
     """bnb:int8 layers hold int8 rows with one scale each (SCB / 127): compute=int8 quantizes their input
-    per token and runs the int8 matmul; the model stays a bitsandbytes model (saves, reloads weight-only)."""
+    per token and runs the int8 matmul; the layers stay bitsandbytes' (the model saves, reloads weight-only)."""
     import bitsandbytes as bnb
-    from diffusers import FluxTransformer2DModel
 
     from diffusers_quant.backends import bnb_int8
     from diffusers_quant.backends.bnb_int8 import int8_weight
 
     monkeypatch.delenv(REFERENCE_ENV, raising=False)
-    spec = "bnb:int8?min_features=16"
-    _tiny_flux(tmp_path / "transformer")
-    diffusers_quant.install()
-    try:
-        plain = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
-        weight_only = FluxTransformer2DModel.from_pretrained(
-            tmp_path / "transformer", quant=f"transformer={spec}"
-        )
-        w8a8 = FluxTransformer2DModel.from_pretrained(
-            tmp_path / "transformer", quant=f"transformer={spec};compute=int8"
-        )
-    finally:
-        diffusers_quant.uninstall()
+    plain, weight_only, w8a8 = _three_loads(tmp_path / "transformer", "bnb:int8?min_features=16", "int8")
     layers = [m for m in w8a8.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert layers and all(type(m).__name__ == "W8A8Linear8bitLt" for m in layers)
-    assert w8a8.quant_report.components[0].compute == f"int8 x{len(layers)}"
     assert w8a8.hf_quantizer is not None and w8a8.hf_quantizer.is_serializable
 
     # one layer: the int8 matmul of per-token codes equals the reference on bitsandbytes' own weight
@@ -186,27 +182,7 @@ def test_compute_int8_runs_bitsandbytes_int8_layers(tmp_path, monkeypatch):
         x.float() @ int8_weight(layer.weight.data, layer.weight.SCB, torch.float32).t() + layer.bias.float()
     )
     assert _rel(got, dense) < 2e-2 and not torch.equal(got, bnb_int8.Linear8bitLt.forward(layer, x))
-
-    expected = _run(plain)
-    out = _run(w8a8)
-    assert _rel(out, expected) < 5e-2 and not torch.equal(out, _run(weight_only))
-    monkeypatch.setenv(REFERENCE_ENV, "1")
-    assert _rel(_run(w8a8), out) < 1e-2
-    monkeypatch.delenv(REFERENCE_ENV)
-
-    # saved in bitsandbytes' layout; reloaded it is the weight-only model, byte for byte
-    w8a8.save_pretrained(tmp_path / "saved")
-    diffusers_quant.install()
-    try:
-        again = FluxTransformer2DModel.from_pretrained(tmp_path / "saved")
-    finally:
-        diffusers_quant.uninstall()
-    _same_tensors(again, weight_only)
-    assert _rel(_run(again), _run(weight_only)) < 1e-5
-    assert disable_compute(w8a8) == len(layers)
-    assert torch.equal(_run(w8a8), _run(weight_only))
-    assert diffusers_quant.enable_compute(weight_only, "int8") == len(layers)
-    assert torch.equal(_run(weight_only), out)
+    _check_switched_model(tmp_path, monkeypatch, plain, weight_only, w8a8, "int8", len(layers))
 
 
 def test_a_compute_mode_the_specs_cannot_run_is_refused_before_loading(tmp_path):
