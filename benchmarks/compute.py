@@ -5,8 +5,8 @@
 The flux-width transformer (3 + 6 blocks at Flux's width, 1.93 B parameters, random weights) at 1024x1024
 (4096 image + 512 text tokens), one denoising step. Rows: bf16; plain optimum-quanto (``quantize`` +
 ``freeze``, what diffusers' ``QuantoConfig`` does); this package's quanto layers weight-only; the same with
-``compute=fp8`` / ``compute=int8``; its bitsandbytes int8 layers (``ours-bnb:int8``) weight-only and with
-``compute=int8``. Each eager and with diffusers' regional compilation
+``compute=fp8`` / ``compute=int8``; its bitsandbytes int8 and NNCF int8_sym layers (``ours-bnb:int8``,
+``ours-nncf:int8_sym``) weight-only and with ``compute=int8``. Each eager and with diffusers' regional compilation
 (``compile_repeated_blocks``: the two block classes compiled once each). Reported: median step time and
 its ratio to bf16 eager and to bf16 compiled, the weights' bytes, the GPU peak, and the output's rel-L2
 error against bf16 eager. Writes compute.json, compute.md and compute.png.
@@ -97,7 +97,7 @@ def build(kind: str, base, device):
         freeze(model)
         return model
     qtype, _, compute = rest.partition("+")
-    library = "bnb" if backend == "ours-bnb" else "quanto"
+    library = {"ours-bnb": "bnb", "ours-nncf": "nncf"}.get(backend, "quanto")
     diffusers_quant.quantize(model, f"{library}:{qtype}", kind="transformer", device=str(device))
     if compute:
         switched = enable_compute(model, compute, device)
@@ -115,6 +115,8 @@ ROWS = (
     "ours:qint8+int8",
     "ours-bnb:int8",
     "ours-bnb:int8+int8",
+    "ours-nncf:int8_sym",
+    "ours-nncf:int8_sym+int8",
 )
 
 

@@ -9,9 +9,10 @@ the two row scales applied to the result. Eager on CUDA the quantization is one 
 were five kernels, and a compiled function's per-call host cost made eager steps slower than bf16); inside a
 compiled model the same ops are traced into its graph.
 
-bitsandbytes' int8 layers (``bnb:int8``) run compute=int8 too: their codes are int8 rows with one scale
-each, ``SCB / 127``. The layer stays quanto's ``QLinear`` or bitsandbytes' ``Linear8bitLt`` (its class is
-a subclass of it with only ``forward`` changed), so save, LoRA and dequantize work as before; ``disable_compute`` puts the class back. The pure-torch
+bitsandbytes' int8 layers (``bnb:int8``) and NNCF's symmetric int8 ones (``nncf:int8_sym``) run
+compute=int8 too: their codes are int8 rows with one scale each (``SCB / 127``; NNCF's float16 scale). The
+layer stays the library's (quanto's ``QLinear``, bitsandbytes' ``Linear8bitLt``, ``NNCFLinear``: its class
+is a subclass of it with only ``forward`` changed), so save, LoRA and dequantize work as before; ``disable_compute`` puts the class back. The pure-torch
 reference (the same quantization, dequantized, matmul in float32) runs everywhere; the environment
 variable ``DIFFUSERS_QUANT_REFERENCE=1`` forces it.
 """
@@ -146,10 +147,14 @@ def w8a8_linear(x, weight, w_scale, bias, kind: str) -> torch.Tensor:
 
 
 def _weight_parts(module) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """The codes, per-row scales and kind of a quanto or bitsandbytes int8 layer this can run, else None."""
+    """The codes, per-row scales and kind of a quanto, bitsandbytes or NNCF layer this can run, else None."""
     name = layer_class_name(module)
     if name == "Linear8bitLt":  # bitsandbytes' int8 rows: codes times SCB / 127 (backends/bnb_int8.py)
         from .backends.bnb_int8 import w8a8_parts
+
+        return w8a8_parts(module)
+    if name == "NNCFLinear":  # NNCF's int8_sym rows: codes times a float16 scale each (backends/nncf_ops.py)
+        from .backends.nncf_ops import w8a8_parts
 
         return w8a8_parts(module)
     if name != "QLinear":

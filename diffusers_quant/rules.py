@@ -239,7 +239,7 @@ def _saved_problems(plan: Plan, c: Component) -> list[str]:
 
 
 # compute mode -> the specs whose weights it runs (per-row fp8 e4m3 / int8 codes)
-COMPUTE_SPECS = {"fp8": ("quanto:qfloat8",), "int8": ("quanto:qint8", "bnb:int8")}
+COMPUTE_SPECS = {"fp8": ("quanto:qfloat8",), "int8": ("quanto:qint8", "bnb:int8", "nncf:int8_sym")}
 
 
 def _compute_problems(plan: Plan, c: Component, spec: Spec) -> list[str]:

@@ -185,6 +185,26 @@ def test_compute_int8_runs_bitsandbytes_int8_layers(tmp_path, monkeypatch):
     _check_switched_model(tmp_path, monkeypatch, plain, weight_only, w8a8, "int8", len(layers))
 
 
+def test_compute_int8_runs_nncf_symmetric_int8_layers(tmp_path, monkeypatch):
+    """nncf:int8_sym layers hold int8 rows with one float16 scale each: compute=int8 runs them; the
+    asymmetric int8 mode (a zero point per row) stays weight-only and is refused in the plan."""
+    from diffusers_quant.backends.nncf_ops import NNCFLinear, decompress
+
+    monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    plain, weight_only, w8a8 = _three_loads(tmp_path / "transformer", "nncf:int8_sym?min_features=16", "int8")
+    layers = [m for m in w8a8.modules() if isinstance(m, NNCFLinear)]
+    assert layers and all(type(m).__name__ == "W8A8NNCFLinear" for m in layers)
+    layer = next(m for m in layers if m.in_features % 16 == 0 and m.out_features % 16 == 0)
+    x = torch.randn(2, 24, layer.in_features).to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+    scale = layer.scale.view(torch.float16).float()
+    assert _rel(got, w8a8_reference(x, layer.weight, scale.flatten(), layer.bias, "int8")) < 1e-2
+    dense = x.float() @ decompress(*layer._pieces(), torch.float32).t() + layer.bias.float()
+    assert _rel(got, dense) < 2e-2
+    _check_switched_model(tmp_path, monkeypatch, plain, weight_only, w8a8, "int8", len(layers))
+
+
 def test_a_compute_mode_the_specs_cannot_run_is_refused_before_loading(tmp_path):
     from diffusers import FluxTransformer2DModel
 
@@ -203,8 +223,8 @@ def test_a_compute_mode_the_specs_cannot_run_is_refused_before_loading(tmp_path)
     try:
         with pytest.raises(
             PlanRefused,
-            match=r"compute=int8 runs quanto:qint8 or bnb:int8 layers only; fix: transformer=quanto:qint8 "
-            r"or transformer=bnb:int8, or compute=auto",
+            match=r"compute=int8 runs quanto:qint8 or bnb:int8 or nncf:int8_sym layers only; fix: "
+            r"transformer=quanto:qint8 or transformer=bnb:int8 or transformer=nncf:int8_sym, or compute=auto",
         ):
             FluxTransformer2DModel.from_pretrained(
                 tmp_path / "transformer", quant="transformer=nncf:int8;compute=int8"

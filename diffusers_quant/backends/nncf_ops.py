@@ -377,6 +377,15 @@ class NNCFLinear(nn.Module):
         )
 
 
+def w8a8_parts(layer: NNCFLinear) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """compute=int8 (``compute.py``): an ``int8_sym`` layer's codes ``[out, in]``, their float16 row scales as
+    float32 ``[out, 1]`` (exact) and ``"int8"``; None for the other modes (a zero point, or 4-bit groups)."""
+    weight = layer.weight
+    if layer.qtype != "int8_sym" or weight.dtype != torch.int8 or weight.dim() != 2:
+        return None
+    return weight, layer.scale.view(torch.float16).float(), "int8"
+
+
 def _nncf_compress(
     weight: torch.Tensor, qtype: str, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
