@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cpu_kernels, kernels
-from ..fused import fast_path, fused
+from ..fused import fast_path, fused, tracing
 
 __all__ = [
     "NNCF_QTYPES",
@@ -377,13 +377,27 @@ class NNCFLinear(nn.Module):
         )
 
 
+@torch.library.custom_op("diffusers_quant::nncf_scale_float", mutates_args=())
+def scale_float(bits: torch.Tensor) -> torch.Tensor:
+    """NNCF's float16 scale (stored as int16 bits) in float32: one op of a compiled graph, not fused into the
+    int8 matmul's epilogue, where Inductor's CPU code reads the bits element by element unvectorized (a 512 x
+    512 layer at 288 tokens: 514 us against 334 with the scale a float32 input)."""
+    return bits.view(torch.float16).float()
+
+
+@scale_float.register_fake
+def _(bits: torch.Tensor) -> torch.Tensor:
+    return torch.empty(bits.shape, dtype=torch.float32, device=bits.device)
+
+
 def w8a8_parts(layer: NNCFLinear) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """compute=int8 (``compute.py``): an ``int8_sym`` layer's codes ``[out, in]``, their float16 row scales as
     float32 ``[out, 1]`` (exact) and ``"int8"``; None for the other modes (a zero point, or 4-bit groups)."""
     weight = layer.weight
     if layer.qtype != "int8_sym" or weight.dtype != torch.int8 or weight.dim() != 2:
         return None
-    return weight, layer.scale.view(torch.float16).float(), "int8"
+    scale = scale_float(layer.scale) if tracing(weight) else layer.scale.view(torch.float16).float()
+    return weight, scale, "int8"
 
 
 def _nncf_compress(
