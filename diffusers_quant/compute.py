@@ -20,6 +20,8 @@ variable ``DIFFUSERS_QUANT_REFERENCE=1`` forces it.
 from __future__ import annotations
 
 import functools
+import importlib
+import threading
 
 import torch
 
@@ -172,24 +174,44 @@ def _weight_parts(module) -> tuple[torch.Tensor, torch.Tensor, str] | None:
 
 
 _SUBCLASSES: dict[type, type] = {}
+_SUBCLASS_LOCK = threading.Lock()
+
+
+# the layer classes a W8A8 class subclasses, by name: (module, class); bitsandbytes' layers are adopted first
+_BASES = {
+    "QLinear": ("optimum.quanto", "QLinear"),
+    "Linear8bitLt": ("diffusers_quant.backends.bnb_int8", "Linear8bitLt"),
+    "NNCFLinear": ("diffusers_quant.backends.nncf_ops", "NNCFLinear"),
+}
+
+
+def __getattr__(name: str) -> type:
+    # torch.load / pickle in a fresh process look the W8A8 classes up by name before any was made
+    where = _BASES.get(name[4:]) if name.startswith("W8A8") else None
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _w8a8_class(getattr(importlib.import_module(where[0]), where[1]))
 
 
 def _w8a8_class(base: type) -> type:
     """A subclass of the layer's class whose forward is the W8A8 matmul (made once per base class)."""
-    if base not in _SUBCLASSES:
+    with _SUBCLASS_LOCK:
+        return _SUBCLASSES[base] if base in _SUBCLASSES else _make_w8a8_class(base)
 
-        def forward(self, x):
-            parts = _weight_parts(self)
-            if parts is None:  # the weight changed layout since (a repack on a move): weight-only again
-                return base.forward(self, x)
-            data, scale, kind = parts
-            return w8a8_linear(x, data, scale, self.bias, kind)
 
-        name = f"W8A8{base.__name__}"
-        cls = type(name, (base,), {"forward": forward, "_w8a8_base": base, "__module__": __name__})
-        globals()[name] = cls  # importable by name: torch.save / pickle of a switched model work
-        _SUBCLASSES[base] = cls
-    return _SUBCLASSES[base]
+def _make_w8a8_class(base: type) -> type:
+    def forward(self, x):
+        parts = _weight_parts(self)
+        if parts is None:  # the weight changed layout since (a repack on a move): weight-only again
+            return base.forward(self, x)
+        data, scale, kind = parts
+        return w8a8_linear(x, data, scale, self.bias, kind)
+
+    name = f"W8A8{base.__name__}"
+    cls = type(name, (base,), {"forward": forward, "_w8a8_base": base, "__module__": __name__})
+    globals()[name] = cls  # importable by name: torch.save / pickle of a switched model work
+    _SUBCLASSES[base] = cls
+    return cls
 
 
 def supports_fp8_matmul(device: torch.device | str) -> bool:
@@ -231,6 +253,12 @@ def enable_compute(model: torch.nn.Module, compute: str, device: torch.device | 
             and (int8_matmul_pays(device) if kind == "int8" else supports_fp8_matmul(device))
         )
         if wanted:
+            if layer_class_name(module) == "Linear8bitLt":
+                from .backends.bnb_int8 import adopt
+
+                adopt(
+                    module
+                )  # bitsandbytes' own class (a plain BitsAndBytesConfig load): one W8A8 class a name
             module.__class__ = _w8a8_class(type(module))
             count += 1
     return count

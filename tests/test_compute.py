@@ -359,6 +359,39 @@ def test_a_lora_stays_on_through_the_switch_and_the_layers_stay_quantized(tmp_pa
     assert pickle.loads(pickle.dumps(cls)) is cls
 
 
+def test_switched_models_pickle_in_a_fresh_process_and_bitsandbytes_own_layers_share_one_class(tmp_path):
+    """A W8A8 class is made on first use: torch.load in a new process finds it by name; bitsandbytes' own
+    int8 class (a plain BitsAndBytesConfig load) is adopted first, so one class has that name."""
+    import pickle
+    import subprocess
+    import sys
+
+    import bitsandbytes as bnb
+
+    from diffusers_quant.backends import get_backend
+    from diffusers_quant.compute import enable_compute
+    from diffusers_quant.spec import Spec
+
+    def layer(spec):
+        linear = torch.nn.Linear(64, 32).to(torch.bfloat16)
+        return get_backend(spec.split(":")[0]).quantize_linear(linear, Spec.parse(spec), torch.bfloat16)
+
+    own = layer("bnb:int8")
+    own.__class__ = bnb.nn.Linear8bitLt
+    model = torch.nn.Sequential(layer("nncf:int8_sym"), layer("bnb:int8"), own)
+    assert enable_compute(model, "int8") == 3
+    assert type(model[1]) is type(model[2]) and type(model[2]).__name__ == "W8A8Linear8bitLt"
+    assert pickle.loads(pickle.dumps(model[2])).__class__ is type(model[2])
+    torch.save(model, tmp_path / "m.pt")
+    path = str(tmp_path / "m.pt")
+    code = (
+        f"import torch; m = torch.load({path!r}, weights_only=False); print(*[type(x).__name__ for x in m])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["W8A8NNCFLinear", "W8A8Linear8bitLt", "W8A8Linear8bitLt"]
+
+
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 def test_eager_kernels_launch_the_compiled_kernels_arithmetic(kind, monkeypatch):
     """Eager with the Triton kernels (here Triton's interpreter): the quantization kernel, the matmul and for

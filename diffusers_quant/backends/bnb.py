@@ -353,15 +353,18 @@ def _scale_property(field: str):
         if field == "CB":
             return self._dq_module.weight.data
         buffer = self._dq_module._buffers.get(self._dq_prefix + field)
-        if buffer is None:
+        dtype = self._dq_dtypes.get(field)
+        if buffer is None or dtype is None:
             return self.__dict__.get(field)
-        dtype = self._dq_dtypes[field]
         return buffer.view(dtype) if dtype.is_floating_point else buffer
 
     def set_(self, value):
         if field == "CB":  # int8: CB is the weight's data itself; a stale copy must never replace it
             return
         if value is None:
+            # cleared (PEFT's merge ends with state.reset_grads()): read as None until set again; the buffer
+            # object stays for the next value, so offloaders keyed by it keep working
+            self._dq_dtypes.pop(field, None)
             self.__dict__[field] = None
             return
         _store(self._dq_module, self._dq_prefix + field, value)
@@ -416,17 +419,30 @@ def _link(obj, module, prefix: str, fields: tuple[str, ...]) -> None:
 
 def _keep_state_with_weight(module) -> None:
     if _is_int8(module):
-        weight, state = module.weight, module.state
-        scb = weight.SCB if weight.SCB is not None else state.SCB
-        weight.CB = weight.SCB = None  # what init_8bit_state leaves: the state below is what runs
-        state.SCB = scb
-        _link(state, module, "_dq_", ("CB", "SCB"))
+        _move_scb_to_state(module)
+        _link(module.state, module, "_dq_", ("CB", "SCB"))
+        if not getattr(module, "_dq_relinks", False):
+            # A LoRA merge gives the weight new codes with their SCB on the parameter (bitsandbytes' own forward
+            # moved it to the state; the weight-only one does not): move it to the linked state before the
+            # call, so offloaders move it and PEFT's unmerge and dequantize (which read the state) see it.
+            module.register_forward_pre_hook(lambda m, args: _move_scb_to_state(m))
+            module._dq_relinks = True
         return
     _link_quant_state(module)
     if not getattr(module, "_dq_relinks", False):
         # A LoRA merge or a reload gives the weight a new quant state: link that one too.
         module.register_forward_pre_hook(lambda m, args: _link_quant_state(m))
         module._dq_relinks = True
+
+
+def _move_scb_to_state(module) -> None:
+    """What bitsandbytes' ``init_8bit_state`` leaves: the row scales on the state, none on the weight."""
+    weight, state = module.weight, module.state
+    if weight.SCB is not None:
+        state.SCB = weight.SCB
+    elif state.SCB is None:
+        return
+    weight.CB = weight.SCB = None
 
 
 def _link_quant_state(module) -> None:

@@ -181,6 +181,37 @@ def test_peft_lora_wrappers_are_not_taken_for_bitsandbytes_layers(flux_path, def
     assert all(get_backend("bnb").owns(w.base_layer) for w in wrappers)
 
 
+@pytest.mark.parametrize("linked", [False, True], ids=["plain", "offload-ready"])
+def test_a_peft_merge_and_unmerge_gives_the_weight_back(linked, defaults):
+    """PEFT merges a LoRA into a bnb int8 layer (new codes, their SCB on the weight) and ends with
+    state.reset_grads(); unmerging reads the state's SCB. With the state linked for offloading, a cleared
+    SCB kept reading the old scales and the unmerged weight was 45% off; one adapter or two at once."""
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
+
+    from diffusers_quant.backends.bnb import _keep_state_with_weight
+
+    layer, _ = _layer(in_features=256, out_features=128)
+    if linked:
+        _keep_state_with_weight(layer)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["x"], init_lora_weights=False)
+    torch.manual_seed(1)
+    wrapper = LoraLinear8bitLt(layer, "one", config=config, r=4, lora_alpha=4)
+    wrapper.update_layer("two", r=4, lora_alpha=4, config=config, init_lora_weights=False)
+    wrapper.set_adapter(["one", "two"])
+    backend = get_backend("bnb")
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = backend.dequantize_weight(layer).clone()
+        unmerged = wrapper(x)
+        wrapper.merge(adapter_names=["one", "two"])
+        merged = wrapper(x)
+        wrapper.unmerge()
+        after = backend.dequantize_weight(layer)
+    assert ((merged - unmerged).float().norm() / unmerged.float().norm()).item() < 3e-2
+    assert ((after - before).norm() / before.norm()).item() < 2e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["weight-only", "bitsandbytes"])
 def test_a_layer_quantized_on_the_cpu_runs_on_cuda_after_a_move(mode, defaults, monkeypatch):
