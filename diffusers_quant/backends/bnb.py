@@ -400,10 +400,20 @@ def _linked_class(base: type, fields: tuple[str, ...]) -> type:
 
             return copy.deepcopy(plain(self), memo)
 
+        def reduce_ex(self, protocol):  # pickled as the unlinked copy: the linked class is made at run time
+            return _unlinked, (base, plain(self).__dict__)
+
         namespace = {f: _scale_property(f) for f in fields}
-        namespace.update(__deepcopy__=deepcopy)
+        namespace.update(__deepcopy__=deepcopy, __reduce_ex__=reduce_ex)
         _LINKED[base] = type(f"Linked{base.__name__}", (base,), namespace)
     return _LINKED[base]
+
+
+def _unlinked(base: type, attributes: dict):
+    """Unpickling a linked state object: bitsandbytes' own class holding the tensors themselves."""
+    out = base.__new__(base)
+    out.__dict__.update(attributes)
+    return out
 
 
 def _link(obj, module, prefix: str, fields: tuple[str, ...]) -> None:
@@ -425,14 +435,22 @@ def _keep_state_with_weight(module) -> None:
             # A LoRA merge gives the weight new codes with their SCB on the parameter (bitsandbytes' own forward
             # moved it to the state; the weight-only one does not): move it to the linked state before the
             # call, so offloaders move it and PEFT's unmerge and dequantize (which read the state) see it.
-            module.register_forward_pre_hook(lambda m, args: _move_scb_to_state(m))
+            module.register_forward_pre_hook(_move_scb_before_call)
             module._dq_relinks = True
         return
     _link_quant_state(module)
     if not getattr(module, "_dq_relinks", False):
         # A LoRA merge or a reload gives the weight a new quant state: link that one too.
-        module.register_forward_pre_hook(lambda m, args: _link_quant_state(m))
+        module.register_forward_pre_hook(_link_before_call)
         module._dq_relinks = True
+
+
+def _move_scb_before_call(module, args) -> None:  # module-level, not a lambda: the layer stays picklable
+    _move_scb_to_state(module)
+
+
+def _link_before_call(module, args) -> None:
+    _link_quant_state(module)
 
 
 def _move_scb_to_state(module) -> None:

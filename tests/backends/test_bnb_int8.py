@@ -116,6 +116,19 @@ def test_compiled_the_layer_traces_whole_and_matches_eager(graph_op, defaults, m
         assert (out.float() - eager.float()).abs().max().item() <= 4 * torch.finfo(torch.bfloat16).eps * scale
 
 
+@pytest.mark.parametrize("spec", ["bnb:int8", "bnb:nf4"])
+def test_a_layer_ready_for_offloading_pickles(spec, defaults):
+    """Offloading links bitsandbytes' state objects to the layer's buffers (a class made at run time); the
+    layer pickles as bitsandbytes' own state, the same output after."""
+    from diffusers_quant.backends.bnb import _keep_state_with_weight
+
+    layer, _ = _layer(spec=spec)
+    _keep_state_with_weight(layer)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(pickle.loads(pickle.dumps(layer))(x), layer(x))
+
+
 def test_the_layer_copies_pickles_and_trains_like_bitsandbytes(defaults):
     layer, _ = _layer()
     x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
