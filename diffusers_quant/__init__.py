@@ -79,8 +79,9 @@ def quantize(model, spec: Spec | str, *, kind: str | None = None, device: str | 
 
 def enable_compute(model, compute: str = "auto") -> int:
     """Run the quantized Linears of a loaded model with W8A8 matmuls: ``fp8`` (quanto:qfloat8 layers),
-    ``int8`` (quanto:qint8, bnb:int8 and nncf:int8_sym layers), ``auto`` (what the model's device runs well), ``none`` (weight-only
-    again). Returns how many layers switched. The plan setting ``compute=`` does this at load."""
+    ``int8`` (quanto:qint8, bnb:int8 and nncf:int8_sym layers), ``auto`` (what the model's device runs well),
+    ``none`` (weight-only again). Returns how many layers switched. The plan setting ``compute=`` does this at
+    load."""
     from .compute import disable_compute
     from .compute import enable_compute as _enable
 

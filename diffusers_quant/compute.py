@@ -9,12 +9,12 @@ the two row scales applied to the result. Eager on CUDA the quantization is one 
 were five kernels, and a compiled function's per-call host cost made eager steps slower than bf16); inside a
 compiled model the same ops are traced into its graph.
 
-bitsandbytes' int8 layers (``bnb:int8``) and NNCF's symmetric int8 ones (``nncf:int8_sym``) run
-compute=int8 too: their codes are int8 rows with one scale each (``SCB / 127``; NNCF's float16 scale). The
-layer stays the library's (quanto's ``QLinear``, bitsandbytes' ``Linear8bitLt``, ``NNCFLinear``: its class
-is a subclass of it with only ``forward`` changed), so save, LoRA and dequantize work as before; ``disable_compute`` puts the class back. The pure-torch
-reference (the same quantization, dequantized, matmul in float32) runs everywhere; the environment
-variable ``DIFFUSERS_QUANT_REFERENCE=1`` forces it.
+bitsandbytes' int8 layers (``bnb:int8``) and NNCF's symmetric int8 ones (``nncf:int8_sym``) run compute=int8
+too: their codes are int8 rows with one scale each (``SCB / 127``; NNCF's float16 scale). The layer stays the
+library's (quanto's ``QLinear``, bitsandbytes' ``Linear8bitLt``, ``NNCFLinear``: its class is a subclass of it
+with only ``forward`` changed), so save, LoRA and dequantize work as before; ``disable_compute`` puts the
+class back. The pure-torch reference (the same quantization, dequantized, matmul in float32) runs everywhere;
+the environment variable ``DIFFUSERS_QUANT_REFERENCE=1`` forces it.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _fp8_mm(xq, x_scale, weight, w_scale, bias, dtype) -> torch.Tensor:
     """The fp8 tensor-core matmul of per-token codes ``xq`` (scales ``(M, 1)``) and per-row weight codes
     (scales ``(1, N)``), in ``dtype``."""
     if not xq.is_cuda:
-        # torch 2.11's CPU kernel takes only per-tensor scales (an internal assert otherwise; 2.13 takes rows):
-        # the unit-scaled product in float32, then the two row scales, as the row-wise epilogue applies them
+        # torch 2.11's CPU kernel takes only per-tensor scales (an internal assert otherwise; 2.13 takes
+        # rows): the unit-scaled product in float32, then the two row scales, as the row-wise epilogue does
         one = torch.ones((), dtype=torch.float32, device=xq.device)
         out = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         out = (out * x_scale * w_scale).to(dtype)
@@ -256,9 +256,9 @@ def enable_compute(model: torch.nn.Module, compute: str, device: torch.device | 
             if layer_class_name(module) == "Linear8bitLt":
                 from .backends.bnb_int8 import adopt
 
-                adopt(
-                    module
-                )  # bitsandbytes' own class (a plain BitsAndBytesConfig load): one W8A8 class a name
+                # bitsandbytes' own class (a plain BitsAndBytesConfig load) becomes ours first, so one W8A8
+                # class has the name W8A8Linear8bitLt
+                adopt(module)
             module.__class__ = _w8a8_class(type(module))
             count += 1
     return count

@@ -18,10 +18,10 @@ hand-written kernel instead (``kernels.py``: one launch), and the compiled funct
 
 Inside a model that is itself compiled (``compile_repeated_blocks``) the plain function is traced into the
 block's graph instead (there fusion costs nothing per call), except where the hand-written kernel beat
-Inductor's own on CUDA (GGUF's covered types, quanto's 8-bit weights, bitsandbytes' int8): there the graph holds that kernel, as
-a ``triton_op`` launched by Inductor's code (:func:`kernel_in_graph`). Eager on the CPU a backend may
-take its own faster pure-torch decode, bit for bit its reference (quanto's float8 codes, NNCF's float32
-steps); elsewhere, or with ``DIFFUSERS_QUANT_REFERENCE=1``, the function runs as it is: the pure-torch
+Inductor's own on CUDA (GGUF's covered types, quanto's 8-bit weights, bitsandbytes' int8): there the graph
+holds that kernel, as a ``triton_op`` launched by Inductor's code (:func:`kernel_in_graph`). Eager on the CPU
+a backend may take its own faster pure-torch decode, bit for bit its reference (quanto's float8 codes, NNCF's
+float32 steps); elsewhere, or with ``DIFFUSERS_QUANT_REFERENCE=1``, the function runs as it is: the pure-torch
 reference the fused kernels are tested against. :func:`fast_path` names which of these a layer takes.
 """
 

@@ -2,11 +2,12 @@
 
 Each kernel reads a layer's packed weight once and writes the dense weight once (one launch, ~20 us of host
 time, against ~0.1-0.25 ms for a ``torch.compile``d function's guards and wrappers); cuBLAS then runs the
-matmul. Every kernel reproduces its reference's arithmetic (the same operations in the same precision, so
-the same roundings): quanto's 8-bit rows and 2/4-bit packed groups, NNCF's float16 ``(q - zero) * scale``,
-bitsandbytes' int8 rows (``backends/bnb_int8.py``), ggml's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks and Q4_K / Q5_K / Q6_K super-blocks in the compute dtype; and
-compute=fp8 / int8's per-token activation quantization and int8 epilogue (``compute.py``). Where a kernel
-does not cover a layout it returns None and the caller falls back to the compiled function (``fused.py``).
+matmul. Every kernel reproduces its reference's arithmetic (the same operations in the same precision, so the
+same roundings): quanto's 8-bit rows and 2/4-bit packed groups, NNCF's float16 ``(q - zero) * scale``,
+bitsandbytes' int8 rows (``backends/bnb_int8.py``), ggml's Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks and Q4_K /
+Q5_K / Q6_K super-blocks in the compute dtype; and compute=fp8 / int8's per-token activation quantization and
+int8 epilogue (``compute.py``). Where a kernel does not cover a layout it returns None and the caller falls
+back to the compiled function (``fused.py``).
 
 Kernels are built on first use: for CUDA tensors compiled, for CPU tensors (tests only, ``KERNEL_DEVICES``)
 by Triton's interpreter, which runs the same kernel code with numpy (it rounds float32 -> bfloat16 by
